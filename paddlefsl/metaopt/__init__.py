@@ -1,0 +1,17 @@
+"""Meta-learners: MAML, FOMAML (``MAML(first_order=True)``), ANIL."""
+
+from ..functional import SecondOrderUnsupportedError
+from .anil import ANIL
+from .base import BaseLearner
+from .gradcheck import SecondOrderReport, check_second_order
+from .maml import MAML, sgd_update
+
+__all__ = [
+    "BaseLearner",
+    "MAML",
+    "ANIL",
+    "sgd_update",
+    "check_second_order",
+    "SecondOrderReport",
+    "SecondOrderUnsupportedError",
+]

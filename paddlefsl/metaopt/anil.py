@@ -1,0 +1,73 @@
+"""ANIL: Almost No Inner Loop (Raghu et al., 2020): only the head adapts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import paddle
+
+from .base import RunningStats
+from .maml import MAML
+
+__all__ = ["ANIL"]
+
+
+class _FeaturesThenHead(paddle.nn.Layer):
+    def __init__(self, features: paddle.nn.Layer, head: paddle.nn.Layer):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.head(self.features(*args, **kwargs))
+
+
+class ANIL(MAML):
+    """MAML whose inner loop adapts only ``head``; ``features`` get the meta-gradient.
+
+    Protocol and arguments as :class:`MAML`; ``learner(x)`` is ``head(features(x))``.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.metaopt import ANIL
+        >>> features = paddle.nn.Sequential(paddle.nn.Linear(4, 16), paddle.nn.ReLU())
+        >>> anil = ANIL(features, paddle.nn.Linear(16, 3), lr=0.5)
+        >>> x, y = paddle.randn([6, 4]), paddle.to_tensor([0, 1, 2, 0, 1, 2])
+        >>> learner = anil.clone()
+        >>> learner.adapt(paddle.nn.functional.cross_entropy(learner(x), y))
+        >>> sorted(learner.fast_weights())
+        ['head.bias', 'head.weight']
+
+    """
+
+    def __init__(
+        self,
+        features: paddle.nn.Layer,
+        head: paddle.nn.Layer,
+        lr: float,
+        first_order: bool = False,
+        allow_unused: bool = True,
+        running_stats: RunningStats = "isolated",
+    ):
+        super().__init__(_FeaturesThenHead(features, head), lr, first_order, allow_unused,
+                         running_stats)
+
+    @property
+    def features(self) -> paddle.nn.Layer:
+        """The shared feature extractor (meta-learned, never adapted)."""
+        return self.module.features
+
+    @property
+    def head(self) -> paddle.nn.Layer:
+        """The head (adapted in the inner loop)."""
+        return self.module.head
+
+    def adapted_names(self) -> list[str]:
+        """Only the head's parameters."""
+        return [name for name in super().adapted_names() if name.startswith("head.")]
+
+    def _forward_adapted(self, *args: Any, **kwargs: Any) -> Any:
+        # The features need no second-order graph: only the head is differentiated twice.
+        hidden = self.module.features(*args, **kwargs)
+        with self._scope():
+            return self.module.head(hidden)

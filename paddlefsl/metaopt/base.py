@@ -1,0 +1,184 @@
+"""BaseLearner: the clone / adapt / call protocol that every algorithm shares."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import paddle
+
+from .. import ops
+from ..functional import adaptable_parameters, named_grad, running_statistics, substituted
+
+__all__ = ["BaseLearner", "RunningStats"]
+
+RunningStats = Literal["isolated", "shared"]
+_POLICIES = ("isolated", "shared")
+
+
+class BaseLearner(paddle.nn.Layer):
+    """Wraps a model; clones of it adapt fast weights without touching the model.
+
+    Subclasses define :meth:`update` (how gradients change the fast weights) and may
+    narrow :meth:`adapted_names`. The wrapped model's parameters are this Layer's
+    parameters, so an optimizer over ``learner.parameters()`` steps the model.
+
+    Running statistics (BatchNorm ``_mean`` / ``_variance``) follow ``running_stats``:
+
+    * ``"isolated"`` (default): each clone starts from a copy of the model's statistics
+      and updates only its copy; the model's statistics never change through a clone.
+    * ``"shared"``: a clone's train-mode forward passes update the model's statistics in
+      place, as a plain forward pass of the model would (learn2learn's behaviour).
+
+    Args:
+        module: any ``paddle.nn.Layer``.
+        first_order: default for :meth:`adapt`: drop second-order terms.
+        allow_unused: leave parameters that do not influence the loss unchanged (``True``)
+            or raise (``False``).
+        running_stats: ``"isolated"`` or ``"shared"``, see above.
+
+    """
+
+    def __init__(
+        self,
+        module: paddle.nn.Layer,
+        first_order: bool = False,
+        allow_unused: bool = True,
+        running_stats: RunningStats = "isolated",
+    ):
+        super().__init__()
+        if not isinstance(module, paddle.nn.Layer):
+            raise TypeError(
+                f"expected a paddle.nn.Layer to meta-learn, got {type(module).__name__}"
+            )
+        if running_stats not in _POLICIES:
+            raise ValueError(f"running_stats must be one of {_POLICIES}, got {running_stats!r}")
+        self.module = module
+        self.first_order = bool(first_order)
+        self.allow_unused = bool(allow_unused)
+        self.running_stats = running_stats
+        # Set on clones only: structured name -> current fast weight / statistic.
+        self._fast: dict[str, paddle.Tensor] | None = None
+        self._stats: dict[str, paddle.Tensor] | None = None
+        if not self.first_order:
+            ops.install()
+
+    # ----------------------------------------------------------------- protocol
+    def adapted_names(self) -> list[str]:
+        """Structured names (in ``self.module``) of the parameters the inner loop adapts."""
+        return list(adaptable_parameters(self.module))
+
+    def update(
+        self,
+        params: Mapping[str, paddle.Tensor],
+        grads: Mapping[str, paddle.Tensor | None],
+    ) -> dict[str, paddle.Tensor]:
+        """One inner-loop step: new fast weights from the current ones and their gradients.
+
+        Must build the result with differentiable, out-of-place ops.
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def is_clone(self) -> bool:
+        """Whether this object is a clone (it has fast weights and can ``adapt``)."""
+        return self._fast is not None
+
+    def fast_weights(self) -> dict[str, paddle.Tensor]:
+        """The clone's current adapted tensors by structured name (a new dict)."""
+        self._require_clone("fast_weights")
+        return dict(self._fast)
+
+    def clone(self, first_order: bool | None = None) -> BaseLearner:
+        """A cheap copy that adapts its own fast weights; the model stays untouched.
+
+        Cloning a clone continues from the clone's fast weights.
+
+        Args:
+            first_order: override this learner's ``first_order`` default for the clone.
+
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        if first_order is not None:
+            if not first_order and self.first_order and not ops.is_installed():
+                ops.install()
+            new.__dict__["first_order"] = bool(first_order)
+        if self._fast is None:
+            params = adaptable_parameters(self.module)
+            new.__dict__["_fast"] = {name: params[name] for name in self.adapted_names()}
+            source_stats = running_statistics(self.module)
+        else:
+            new.__dict__["_fast"] = dict(self._fast)
+            source_stats = self._stats or running_statistics(self.module)
+        if self.running_stats == "isolated":
+            new.__dict__["_stats"] = {name: t.clone() for name, t in source_stats.items()}
+        else:
+            new.__dict__["_stats"] = {}
+        return new
+
+    def adapt(
+        self,
+        loss: paddle.Tensor,
+        first_order: bool | None = None,
+        allow_unused: bool | None = None,
+    ) -> None:
+        """Take one inner-loop step on ``loss`` (a scalar computed with this clone).
+
+        Args:
+            loss: scalar loss of this clone's output on the support set.
+            first_order: override the default for this step.
+            allow_unused: override the default for this step.
+
+        Raises:
+            RuntimeError: called on the meta-learner instead of a clone.
+            SecondOrderUnsupportedError: the model uses an op Paddle cannot differentiate
+                twice and that paddlefsl does not replace.
+
+        """
+        self._require_clone("adapt")
+        first_order = self.first_order if first_order is None else bool(first_order)
+        allow_unused = self.allow_unused if allow_unused is None else bool(allow_unused)
+        if not isinstance(loss, paddle.Tensor):
+            raise TypeError(f"adapt() needs the loss tensor, got {type(loss).__name__}")
+        if not first_order and self.first_order:
+            raise ValueError(
+                "this clone runs first-order forward passes, so a second-order step would be "
+                "inexact; create the learner (or the clone) with first_order=False"
+            )
+        grads = named_grad(loss, self._fast, create_graph=not first_order,
+                           allow_unused=allow_unused)
+        if first_order:
+            grads = {n: None if g is None else g.detach() for n, g in grads.items()}
+        self.__dict__["_fast"] = self.update(self._fast, grads)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model; on a clone, with its fast weights and statistics."""
+        if self._fast is None:
+            return self.module(*args, **kwargs)
+        tensors = dict(self._stats or {})
+        tensors.update(self._fast)
+        with substituted(self.module, tensors):
+            return self._forward_adapted(*args, **kwargs)
+
+    def _forward_adapted(self, *args: Any, **kwargs: Any) -> Any:
+        """The model call on a clone (substitution already in place)."""
+        with self._scope():
+            return self.module(*args, **kwargs)
+
+    def _scope(self):
+        return nullcontext() if self.first_order else ops.second_order_scope()
+
+    def _require_clone(self, what: str) -> None:
+        if self._fast is None:
+            raise RuntimeError(
+                f"{what}() works on a clone: call `learner = {type(self).__name__.lower()}"
+                f".clone()` first, so that adaptation never changes the model itself"
+            )
+
+    def extra_repr(self) -> str:
+        kind = "clone" if self.is_clone else "meta-learner"
+        return (f"{kind}, first_order={self.first_order}, "
+                f"running_stats={self.running_stats!r}")

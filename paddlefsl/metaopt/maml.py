@@ -1,0 +1,84 @@
+"""MAML and first-order MAML (Finn et al., 2017)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import paddle
+
+from .base import BaseLearner, RunningStats
+
+__all__ = ["MAML", "sgd_update"]
+
+
+def sgd_update(
+    params: Mapping[str, paddle.Tensor],
+    grads: Mapping[str, paddle.Tensor | None],
+    lr: float | Mapping[str, float | paddle.Tensor],
+) -> dict[str, paddle.Tensor]:
+    """``p - lr * g`` for every named tensor, out of place; ``None`` gradients keep ``p``.
+
+    Example:
+        >>> import paddle
+        >>> new = sgd_update({"w": paddle.ones([2])}, {"w": paddle.ones([2])}, 0.5)
+        >>> new["w"].numpy().tolist()
+        [0.5, 0.5]
+
+    """
+    out = {}
+    for name, p in params.items():
+        g = grads.get(name)
+        step = lr[name] if isinstance(lr, Mapping) else lr
+        out[name] = p if g is None else p - step * g
+    return out
+
+
+class MAML(BaseLearner):
+    """Model-Agnostic Meta-Learning with exact second-order meta-gradients.
+
+    ``maml.clone()`` gives a learner whose ``adapt(loss)`` takes an SGD step on fast
+    weights; calling the clone runs ``model`` with them. Backpropagating a loss of the
+    clone puts the meta-gradient on ``model``'s parameters. ``first_order=True`` is
+    FOMAML.
+
+    Args:
+        model: any ``paddle.nn.Layer``.
+        lr: inner-loop learning rate.
+        first_order: drop second-order terms (FOMAML).
+        allow_unused: leave parameters that do not influence the support loss unchanged
+            (``True``) or raise (``False``).
+        running_stats: BatchNorm statistics policy, ``"isolated"`` or ``"shared"``
+            (see :class:`BaseLearner`).
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.metaopt import MAML
+        >>> model = paddle.nn.Sequential(paddle.nn.Linear(1, 8), paddle.nn.Tanh(),
+        ...                              paddle.nn.Linear(8, 1))
+        >>> maml = MAML(model, lr=0.1)
+        >>> opt = paddle.optimizer.Adam(1e-3, parameters=maml.parameters())
+        >>> x, y = paddle.randn([10, 1]), paddle.randn([10, 1])
+        >>> learner = maml.clone()
+        >>> learner.adapt(paddle.nn.functional.mse_loss(learner(x), y))
+        >>> paddle.nn.functional.mse_loss(learner(x), y).backward()
+        >>> opt.step(); opt.clear_grad()
+
+    """
+
+    def __init__(
+        self,
+        model: paddle.nn.Layer,
+        lr: float,
+        first_order: bool = False,
+        allow_unused: bool = True,
+        running_stats: RunningStats = "isolated",
+    ):
+        super().__init__(model, first_order, allow_unused, running_stats)
+        self.lr = float(lr)
+
+    def update(self, params, grads):
+        """SGD step with the inner learning rate."""
+        return sgd_update(params, grads, self.lr)
+
+    def extra_repr(self) -> str:
+        return f"lr={self.lr}, " + super().extra_repr()

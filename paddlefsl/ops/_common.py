@@ -1,0 +1,52 @@
+"""Helpers shared by the op replacements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import paddle
+
+Tensor = paddle.Tensor
+
+
+def tracks_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will record an op on these inputs."""
+    return paddle.is_grad_enabled() and any(
+        isinstance(t, Tensor) and not t.stop_gradient for t in tensors
+    )
+
+
+def requires(*tensors: Tensor | None) -> tuple[bool, ...]:
+    """Per input, whether a PyLayer backward must return its gradient (else ``None``)."""
+    return tuple(isinstance(t, Tensor) and not t.stop_gradient for t in tensors)
+
+
+def only_required(grads: Sequence[Tensor | None], required: Sequence[bool]) -> tuple:
+    """PyLayer backward must return ``None`` exactly for inputs that do not require grad."""
+    out = tuple(g if r else None for g, r in zip(grads, required))
+    return out if len(out) > 1 else out[0]
+
+
+def creating_graph() -> bool:
+    """Inside a PyLayer backward: is this backward pass itself being recorded?
+
+    Paddle runs a PyLayer backward with grad enabled exactly when the surrounding
+    ``paddle.grad`` was called with ``create_graph=True``.
+    """
+    return paddle.is_grad_enabled()
+
+
+def reduce_axes(ndim: int, channel_axis: int) -> list[int]:
+    """All axes but the channel axis."""
+    return [a for a in range(ndim) if a != channel_axis % ndim]
+
+
+def plain_call(args: tuple, kwargs: dict) -> bool:
+    """Whether trailing arguments are only an op ``name`` (the replacement can handle it).
+
+    Anything else (an ``out=`` tensor, an argument a newer Paddle added) sends the call to
+    the native op unchanged.
+    """
+    return all(a is None or isinstance(a, str) for a in args) and all(
+        k == "name" or v is None for k, v in kwargs.items()
+    )

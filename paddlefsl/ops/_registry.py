@@ -1,0 +1,127 @@
+"""Install and remove the double-differentiable replacements of Paddle's eager ops.
+
+Paddle's Python API reaches its kernels through attributes of ``paddle._C_ops`` looked up
+at call time (``F.softmax`` calls ``_C_ops.softmax``), so replacing those attributes makes
+every layer and loss, including ones built before paddlefsl was imported, use the
+replacement. Each replacement keeps the native forward kernel and the native backward
+kernel for ordinary (first-order) backward passes; only a backward run with
+``create_graph=True`` takes a differentiable formula instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from paddle import _C_ops
+
+__all__ = [
+    "install",
+    "uninstall",
+    "is_installed",
+    "patched_ops",
+    "native",
+    "second_order_scope",
+    "in_second_order_scope",
+]
+
+# name -> factory(native_fn) -> replacement_fn
+_FACTORIES: dict[str, Callable[[Callable], Callable]] = {}
+# name -> the native function, captured at import so replacements never call themselves
+_NATIVE: dict[str, Callable] = {}
+# (module, attribute, original) for every slot that install() overwrote
+_SLOTS: list[tuple[object, str, Callable]] = []
+_LOCK = threading.Lock()
+_SCOPE = threading.local()
+
+
+def _rebindable(module_name: str) -> bool:
+    # The compiled op tables and the static-graph op modules stay as they are.
+    return module_name.startswith("paddle") and not any(
+        part in module_name for part in ("libpaddle", "_pir_ops", "_legacy_C_ops")
+    )
+
+
+def register(name: str) -> Callable[[Callable[[Callable], Callable]], Callable]:
+    """Register ``factory(native) -> replacement`` for the eager op ``paddle._C_ops.<name>``."""
+
+    def decorate(factory: Callable[[Callable], Callable]) -> Callable:
+        _FACTORIES[name] = factory
+        _NATIVE[name] = getattr(_C_ops, name)
+        return factory
+
+    return decorate
+
+
+def native(name: str) -> Callable:
+    """The original ``paddle._C_ops.<name>``, whether or not the replacements are installed."""
+    return _NATIVE[name] if name in _NATIVE else getattr(_C_ops, name)
+
+
+def patched_ops() -> list[str]:
+    """Names of the ``paddle._C_ops`` entry points that paddlefsl makes double-differentiable."""
+    return sorted(_FACTORIES)
+
+
+def is_installed() -> bool:
+    """Whether the replacements are currently installed."""
+    return bool(_SLOTS)
+
+
+def install() -> None:
+    """Make the ops in :func:`patched_ops` exact under ``paddle.grad(..., create_graph=True)``.
+
+    Idempotent and thread-safe. Called by every second-order learner on construction.
+    First-order numerics are unchanged: the native forward and backward kernels still run.
+
+    Example:
+        >>> from paddlefsl import ops
+        >>> ops.install()
+        >>> "softmax" in ops.patched_ops() and ops.is_installed()
+        True
+
+    """
+    with _LOCK:
+        if _SLOTS:
+            return
+        for name, factory in _FACTORIES.items():
+            original = _NATIVE[name]
+            replacement = factory(original)
+            # Also rebind names that paddle modules imported straight from _C_ops
+            # (``from paddle._C_ops import gelu``); a call-time lookup would miss those.
+            for module_name, module in list(sys.modules.items()):
+                if module is None or not _rebindable(module_name):
+                    continue
+                if getattr(module, name, None) is original:
+                    _SLOTS.append((module, name, original))
+                    setattr(module, name, replacement)
+
+
+def uninstall() -> None:
+    """Restore Paddle's native ops (undo :func:`install`)."""
+    with _LOCK:
+        while _SLOTS:
+            module, name, original = _SLOTS.pop()
+            setattr(module, name, original)
+
+
+@contextmanager
+def second_order_scope() -> Iterator[None]:
+    """Mark a forward pass whose graph will be differentiated twice.
+
+    Inside it, ops that need extra graph to be exact in second order (a convolution whose
+    input does not require grad) build that graph. Learners enter it around the model call.
+    """
+    depth = getattr(_SCOPE, "depth", 0)
+    _SCOPE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _SCOPE.depth = depth
+
+
+def in_second_order_scope() -> bool:
+    """Whether the current thread is inside :func:`second_order_scope`."""
+    return getattr(_SCOPE, "depth", 0) > 0

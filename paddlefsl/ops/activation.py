@@ -1,0 +1,108 @@
+"""softmax, log_softmax and gelu: Paddle has no double grad for any of them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import paddle
+
+from ._common import creating_graph, plain_call, tracks_grad
+from ._registry import native, register
+
+
+class _Softmax(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, x, axis):
+        y = native("softmax")(x, axis)
+        ctx.save_for_backward(x, y)
+        ctx.axis = axis
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, y = ctx.saved_tensor()
+        if not creating_graph():
+            return native("softmax_grad")(y, dy, ctx.axis)
+        # Recompute y from x so that the recorded backward depends on x.
+        y = native("softmax")(x, ctx.axis)
+        return y * (dy - (dy * y).sum(ctx.axis, keepdim=True))
+
+
+class _LogSoftmax(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, x, axis):
+        y = native("log_softmax")(x, axis)
+        ctx.save_for_backward(x, y)
+        ctx.axis = axis
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, y = ctx.saved_tensor()
+        if not creating_graph():
+            return native("log_softmax_grad")(y, dy, ctx.axis)
+        p = native("softmax")(x, ctx.axis)
+        return dy - p * dy.sum(ctx.axis, keepdim=True)
+
+
+_SQRT_2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def gelu_derivative(x: paddle.Tensor, approximate: bool) -> paddle.Tensor:
+    """D gelu(x) / dx as a differentiable expression (exact erf form or the tanh form)."""
+    if approximate:
+        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
+        t = paddle.tanh(inner)
+        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
+    cdf = 0.5 * (1.0 + paddle.erf(x / _SQRT_2))
+    return cdf + x * _INV_SQRT_2PI * paddle.exp(-0.5 * x * x)
+
+
+class _Gelu(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, x, approximate):
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+        return native("gelu")(x, approximate)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensor()
+        if not creating_graph():
+            return native("gelu_grad")(x, dy, ctx.approximate)
+        return dy * gelu_derivative(x, ctx.approximate)
+
+
+@register("softmax")
+def _softmax(native_fn: Callable) -> Callable:
+    def softmax(x, axis, *args, **kwargs):
+        if not plain_call(args, kwargs) or not tracks_grad(x):
+            return native_fn(x, axis, *args, **kwargs)
+        return _Softmax.apply(x, axis)
+
+    return softmax
+
+
+@register("log_softmax")
+def _log_softmax(native_fn: Callable) -> Callable:
+    def log_softmax(x, axis, *args, **kwargs):
+        if not plain_call(args, kwargs) or not tracks_grad(x):
+            return native_fn(x, axis, *args, **kwargs)
+        return _LogSoftmax.apply(x, axis)
+
+    return log_softmax
+
+
+@register("gelu")
+def _gelu(native_fn: Callable) -> Callable:
+    def gelu(x, approximate=False, *args, **kwargs):
+        if not plain_call(args, kwargs) or not tracks_grad(x):
+            return native_fn(x, approximate, *args, **kwargs)
+        return _Gelu.apply(x, bool(approximate))
+
+    return gelu

@@ -1,0 +1,103 @@
+"""cross_entropy_with_softmax (every built-in classification loss) and mean_all.
+
+Paddle has no double grad for the fused softmax + cross-entropy kernel, nor for
+``mean_all``, the reduction behind ``reduction="mean"`` in its loss functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import paddle
+
+from ._common import creating_graph, only_required, plain_call, requires, tracks_grad
+from ._registry import native, register
+
+
+def _one_hot_along(label: paddle.Tensor, num_classes: int, axis: int, dtype) -> paddle.Tensor:
+    """One-hot of integer labels that hold a size-1 class axis at ``axis``."""
+    hot = paddle.nn.functional.one_hot(label.squeeze(axis).astype("int64"), num_classes)
+    return paddle.moveaxis(hot.astype(dtype), -1, axis)
+
+
+class _SoftmaxCrossEntropy(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, logits, label, soft_label, use_softmax, stable, ignore_index, axis):
+        softmax, loss = native("cross_entropy_with_softmax")(
+            logits, label, soft_label, use_softmax, stable, ignore_index, axis
+        )
+        ctx.save_for_backward(logits, label, softmax)
+        ctx.attrs = (soft_label, use_softmax, stable, ignore_index, axis)
+        ctx.required = requires(logits, label)
+        return softmax, loss
+
+    @staticmethod
+    def backward(ctx, d_softmax, d_loss):
+        logits, label, softmax = ctx.saved_tensor()
+        soft_label, use_softmax, stable, ignore_index, axis = ctx.attrs
+        axis = axis % logits.ndim
+        if d_loss is None:
+            d_loss = paddle.zeros_like(softmax.sum(axis, keepdim=True))
+        if not creating_graph():
+            d_logits = native("cross_entropy_with_softmax_grad")(
+                label, softmax, d_loss, soft_label, use_softmax, stable, ignore_index, axis
+            )
+            d_label = None
+            if d_softmax is not None and use_softmax:
+                d_logits = d_logits + softmax * (
+                    d_softmax - (d_softmax * softmax).sum(axis, keepdim=True)
+                )
+            if ctx.required[1] and soft_label:
+                log_p = paddle.log(softmax) if use_softmax else paddle.log(logits)
+                d_label = -d_loss * log_p
+            return only_required((d_logits, d_label), ctx.required)
+        # Differentiable form: recompute the probabilities from the logits.
+        n_classes = logits.shape[axis]
+        if soft_label:
+            target = label
+            weight = d_loss
+        else:
+            target = _one_hot_along(label, n_classes, axis, logits.dtype)
+            valid = (label != ignore_index).astype(logits.dtype)
+            weight = d_loss * valid
+        if use_softmax:
+            p = native("softmax")(logits, axis)
+            d_logits = (p * target.sum(axis, keepdim=True) - target) * weight
+            if d_softmax is not None:
+                d_logits = d_logits + p * (d_softmax - (d_softmax * p).sum(axis, keepdim=True))
+            log_p = native("log_softmax")(logits, axis)
+        else:
+            # ``logits`` already hold probabilities: loss = -sum(target * log p).
+            d_logits = -target / logits * weight
+            if d_softmax is not None:
+                d_logits = d_logits + d_softmax
+            log_p = paddle.log(logits)
+        d_label = -weight * log_p if (ctx.required[1] and soft_label) else None
+        return only_required((d_logits, d_label), ctx.required)
+
+
+@register("cross_entropy_with_softmax")
+def _cross_entropy_with_softmax(native_fn: Callable) -> Callable:
+    def cross_entropy_with_softmax(
+        logits, label, soft_label, use_softmax, stable, ignore_index, axis, *args, **kwargs
+    ):
+        if not plain_call(args, kwargs) or not tracks_grad(logits, label):
+            return native_fn(
+                logits, label, soft_label, use_softmax, stable, ignore_index, axis, *args, **kwargs
+            )
+        return _SoftmaxCrossEntropy.apply(
+            logits, label, soft_label, use_softmax, stable, ignore_index, axis
+        )
+
+    return cross_entropy_with_softmax
+
+
+@register("mean_all")
+def _mean_all(native_fn: Callable) -> Callable:
+    def mean_all(x, *args, **kwargs):
+        if not plain_call(args, kwargs) or not tracks_grad(x):
+            return native_fn(x, *args, **kwargs)
+        # ``mean`` over all axes has a double grad and runs the same reduction kernel.
+        return native("mean")(x, [], False)
+
+    return mean_all

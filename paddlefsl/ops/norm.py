@@ -1,0 +1,177 @@
+"""batch_norm and layer_norm.
+
+Paddle has no double grad for ``layer_norm``. For ``batch_norm`` it has one, but it is
+quadratic in the batch on CPU and, for an input that does not require grad, silently
+wrong; it also raises in eval mode. The replacement keeps the fused native forward (which
+also updates the running statistics in place) and the native backward for first-order
+passes, and differentiates a closed-form backward when the graph is being created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paddle
+
+from ._common import creating_graph, only_required, plain_call, reduce_axes, requires, tracks_grad
+from ._registry import native, register
+
+_CHANNEL_LAST = ("NHWC", "NLC", "NDHWC")
+
+
+@dataclass
+class _BatchNormCall:
+    """Everything the backward needs that is not a differentiable input."""
+
+    running_mean: paddle.Tensor
+    running_var: paddle.Tensor
+    is_test: bool
+    momentum: float
+    epsilon: float
+    data_format: str
+    use_global_stats: bool
+    trainable_statistics: bool
+    outputs: tuple = ()
+
+    @property
+    def global_stats(self) -> bool:
+        # Mirrors the CPU kernel: test mode uses the running statistics unless
+        # ``trainable_statistics`` asks for batch statistics.
+        return (self.is_test and not self.trainable_statistics) or self.use_global_stats
+
+
+def _normalized_grads(x, dy, weight, axes, epsilon, mean=None, var=None):
+    """Closed-form (differentiable) gradients of ``w * (x - mean) / sqrt(var + eps) + b``.
+
+    With ``mean``/``var`` given they are constants (running statistics); otherwise they
+    are the statistics of ``x`` over ``axes``, and their dependence on ``x`` is included.
+    """
+    batch_stats = mean is None
+    if batch_stats:
+        mean = x.mean(axes, keepdim=True)
+        centered = x - mean
+        var = (centered * centered).mean(axes, keepdim=True)
+    else:
+        centered = x - mean
+    inv_std = paddle.rsqrt(var + epsilon)
+    x_hat = centered * inv_std
+    g = dy if weight is None else dy * weight
+    if batch_stats:
+        dx = inv_std * (g - g.mean(axes, keepdim=True) - x_hat * (g * x_hat).mean(axes, keepdim=True))
+    else:
+        dx = g * inv_std
+    return dx, dy * x_hat
+
+
+class _BatchNorm(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, bias, call: _BatchNormCall):
+        outputs = native("batch_norm")(
+            x,
+            call.running_mean,
+            call.running_var,
+            weight,
+            bias,
+            call.is_test,
+            call.momentum,
+            call.epsilon,
+            call.data_format,
+            call.use_global_stats,
+            call.trainable_statistics,
+        )
+        call.outputs = tuple(outputs)
+        ctx.call = call
+        ctx.required = requires(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias)
+        return outputs[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensor()
+        call: _BatchNormCall = ctx.call
+        if not creating_graph():
+            _, mean_out, var_out, saved_mean, saved_var, reserve = call.outputs
+            grads = native("batch_norm_grad")(
+                x,
+                weight,
+                bias,
+                mean_out,
+                var_out,
+                saved_mean,
+                saved_var,
+                reserve,
+                dy,
+                call.momentum,
+                call.epsilon,
+                call.data_format,
+                call.is_test,
+                call.use_global_stats,
+                call.trainable_statistics,
+            )
+            return only_required(tuple(grads), ctx.required)
+        channel = x.ndim - 1 if call.data_format in _CHANNEL_LAST else 1
+        axes = reduce_axes(x.ndim, channel)
+        shape = [1] * x.ndim
+        shape[channel] = -1
+        w = None if weight is None else weight.reshape(shape)
+        if call.global_stats:
+            mean = call.running_mean.reshape(shape)
+            var = call.running_var.reshape(shape)
+            dx, dw_map = _normalized_grads(x, dy, w, axes, call.epsilon, mean, var)
+        else:
+            dx, dw_map = _normalized_grads(x, dy, w, axes, call.epsilon)
+        dw = dw_map.sum(axes)
+        db = dy.sum(axes)
+        return only_required((dx, dw, db), ctx.required)
+
+
+@register("batch_norm")
+def _batch_norm(native_fn: Callable) -> Callable:
+    def batch_norm(x, running_mean, running_var, weight, bias, is_test, momentum, epsilon,
+                   data_format, use_global_stats, trainable_statistics, *args, **kwargs):
+        plain = (x, running_mean, running_var, weight, bias, is_test, momentum, epsilon,
+                 data_format, use_global_stats, trainable_statistics)
+        if not plain_call(args, kwargs) or not tracks_grad(x, weight, bias):
+            return native_fn(*plain, *args, **kwargs)
+        call = _BatchNormCall(running_mean, running_var, bool(is_test), momentum, epsilon,
+                              data_format, bool(use_global_stats), bool(trainable_statistics))
+        out = _BatchNorm.apply(x, weight, bias, call)
+        return (out, *call.outputs[1:])
+
+    return batch_norm
+
+
+class _LayerNorm(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, bias, epsilon, begin_norm_axis):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.attrs = (epsilon, begin_norm_axis)
+        ctx.required = requires(x, weight, bias)
+        return native("layer_norm")(x, weight, bias, epsilon, begin_norm_axis)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensor()
+        epsilon, begin = ctx.attrs
+        axes = list(range(begin, x.ndim))
+        lead = list(range(begin))
+        norm_shape = x.shape[begin:]
+        w = None if weight is None else weight.reshape(norm_shape)
+        # One closed form serves both cases: under create_graph it is recorded and
+        # differentiable; otherwise it is just the gradient.
+        dx, dw_map = _normalized_grads(x, dy, w, axes, epsilon)
+        dw = None if weight is None else dw_map.sum(lead).reshape(weight.shape)
+        db = None if bias is None else dy.sum(lead).reshape(bias.shape)
+        return only_required((dx, dw, db), ctx.required)
+
+
+@register("layer_norm")
+def _layer_norm(native_fn: Callable) -> Callable:
+    def layer_norm(x, weight, bias, epsilon, begin_norm_axis, *args: Any, **kwargs: Any):
+        if not plain_call(args, kwargs) or not tracks_grad(x, weight, bias):
+            return native_fn(x, weight, bias, epsilon, begin_norm_axis, *args, **kwargs)
+        return _LayerNorm.apply(x, weight, bias, epsilon, begin_norm_axis)
+
+    return layer_norm

@@ -1,0 +1,95 @@
+"""Max pooling: Paddle's pool grad-grad kernel supports average pooling only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import paddle
+
+from ._common import creating_graph, plain_call, tracks_grad
+from ._registry import native, register
+
+
+def _scatter_to_input(x: paddle.Tensor, index: paddle.Tensor, dy: paddle.Tensor) -> paddle.Tensor:
+    """Route each pooled gradient back to the input element that was the window's max.
+
+    Differentiable in ``dy``; the routing itself is piecewise constant in ``x``.
+    """
+    n, c, h, w = x.shape
+    flat_index = index.reshape([n, c, -1]).astype("int64")
+    flat_dy = dy.reshape([n, c, -1])
+    zeros = paddle.zeros([n, c, h * w], dtype=dy.dtype)
+    dx = paddle.put_along_axis(zeros, flat_index, flat_dy, axis=2, reduce="add")
+    return dx.reshape([n, c, h, w])
+
+
+class _MaxPool2d(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, x, attrs):
+        out = native("pool2d")(x, *attrs)
+        ctx.save_for_backward(x, out)
+        ctx.attrs = attrs
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, out = ctx.saved_tensor()
+        attrs = ctx.attrs
+        if not creating_graph():
+            return native("pool2d_grad")(x, out, dy, *attrs)
+        kernel, strides, paddings, ceil_mode, _, _, _, global_pooling, adaptive, _ = attrs
+        with paddle.no_grad():
+            _, index = native("max_pool2d_with_index")(
+                x, kernel, strides, paddings, global_pooling, adaptive, ceil_mode
+            )
+        return _scatter_to_input(x, index, dy)
+
+
+class _MaxPool2dWithIndex(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, x, attrs, holder: list):
+        out, index = native("max_pool2d_with_index")(x, *attrs)
+        holder.append(index)
+        ctx.save_for_backward(x, index)
+        ctx.attrs = attrs
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, index = ctx.saved_tensor()
+        if not creating_graph():
+            return native("max_pool2d_with_index_grad")(x, index, dy, *ctx.attrs)
+        return _scatter_to_input(x, index, dy)
+
+
+@register("pool2d")
+def _pool2d(native_fn: Callable) -> Callable:
+    def pool2d(x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format,
+               pooling_type, global_pooling, adaptive, padding_algorithm, *args, **kwargs):
+        attrs = (kernel_size, strides, paddings, ceil_mode, exclusive, data_format,
+                 pooling_type, global_pooling, adaptive, padding_algorithm)
+        supported = (
+            pooling_type == "max"
+            and data_format == "NCHW"
+            and padding_algorithm in ("EXPLICIT", "VALID")
+            and not (padding_algorithm == "VALID" and any(paddings))
+        )
+        if not plain_call(args, kwargs) or not supported or not tracks_grad(x):
+            return native_fn(x, *attrs, *args, **kwargs)
+        return _MaxPool2d.apply(x, attrs)
+
+    return pool2d
+
+
+@register("max_pool2d_with_index")
+def _max_pool2d_with_index(native_fn: Callable) -> Callable:
+    def max_pool2d_with_index(x, kernel_size, strides, paddings, global_pooling, adaptive,
+                              ceil_mode=False, *args, **kwargs):
+        attrs = (kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode)
+        if not plain_call(args, kwargs) or not tracks_grad(x):
+            return native_fn(x, *attrs, *args, **kwargs)
+        holder: list = []
+        out = _MaxPool2dWithIndex.apply(x, attrs, holder)
+        return out, holder[0]
+
+    return max_pool2d_with_index
