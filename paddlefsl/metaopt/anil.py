@@ -49,8 +49,9 @@ class ANIL(MAML):
         allow_unused: bool = True,
         running_stats: RunningStats = "isolated",
     ):
-        super().__init__(_FeaturesThenHead(features, head), lr, first_order, allow_unused,
-                         running_stats)
+        super().__init__(
+            _FeaturesThenHead(features, head), lr, first_order, allow_unused, running_stats
+        )
 
     @property
     def features(self) -> paddle.nn.Layer:

@@ -148,8 +148,9 @@ class BaseLearner(paddle.nn.Layer):
                 "this clone runs first-order forward passes, so a second-order step would be "
                 "inexact; create the learner (or the clone) with first_order=False"
             )
-        grads = named_grad(loss, self._fast, create_graph=not first_order,
-                           allow_unused=allow_unused)
+        grads = named_grad(
+            loss, self._fast, create_graph=not first_order, allow_unused=allow_unused
+        )
         if first_order:
             grads = {n: None if g is None else g.detach() for n, g in grads.items()}
         self.__dict__["_fast"] = self.update(self._fast, grads)
@@ -180,5 +181,4 @@ class BaseLearner(paddle.nn.Layer):
 
     def extra_repr(self) -> str:
         kind = "clone" if self.is_clone else "meta-learner"
-        return (f"{kind}, first_order={self.first_order}, "
-                f"running_stats={self.running_stats!r}")
+        return f"{kind}, first_order={self.first_order}, running_stats={self.running_stats!r}"

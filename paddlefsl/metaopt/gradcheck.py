@@ -142,8 +142,7 @@ def check_second_order(
     def directional(first_order: bool) -> float:
         loss = meta_loss(probe, loss_fn, support, query, steps, first_order=first_order)
         grads = paddle.grad([loss], params, allow_unused=True)
-        return float(sum((g.numpy() * d).sum() for g, d in zip(grads, directions)
-                         if g is not None))
+        return float(sum((g.numpy() * d).sum() for g, d in zip(grads, directions) if g is not None))
 
     def value_at(scale: float) -> float:
         for p, p0, d in zip(params, origin, directions):

@@ -16,7 +16,7 @@ Example:
     >>> x.stop_gradient = False
     >>> (g,) = paddle.grad(paddle.nn.functional.softmax(x)[:, 0].sum(), [x], create_graph=True)
     >>> (h,) = paddle.grad(g.sum(), [x])  # a second derivative the native op cannot give
-    >>> h.shape
+    >>> list(h.shape)
     [4, 3]
 
 """

@@ -15,13 +15,15 @@ class _Softmax(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, x, axis):
         y = native("softmax")(x, axis)
-        ctx.save_for_backward(x, y)
+        # Outputs are kept detached: saving a PyLayer's own output leaks the graph.
+        ctx.save_for_backward(x)
+        ctx.out = y.detach()
         ctx.axis = axis
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, y = ctx.saved_tensor()
+        (x,), y = ctx.saved_tensor(), ctx.out
         if not creating_graph():
             return native("softmax_grad")(y, dy, ctx.axis)
         # Recompute y from x so that the recorded backward depends on x.
@@ -33,13 +35,14 @@ class _LogSoftmax(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, x, axis):
         y = native("log_softmax")(x, axis)
-        ctx.save_for_backward(x, y)
+        ctx.save_for_backward(x)
+        ctx.out = y.detach()
         ctx.axis = axis
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, y = ctx.saved_tensor()
+        (x,), y = ctx.saved_tensor(), ctx.out
         if not creating_graph():
             return native("log_softmax_grad")(y, dy, ctx.axis)
         p = native("softmax")(x, ctx.axis)

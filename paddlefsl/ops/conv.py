@@ -38,13 +38,34 @@ def _conv2d(native_fn: Callable) -> Callable:
 
 @register("depthwise_conv2d")
 def _depthwise_conv2d(native_fn: Callable) -> Callable:
-    def depthwise_conv2d(x, weight, strides, paddings, padding_algorithm, groups, dilations,
-                         data_format, *args, **kwargs):
+    def depthwise_conv2d(
+        x,
+        weight,
+        strides,
+        paddings,
+        padding_algorithm,
+        groups,
+        dilations,
+        data_format,
+        *args,
+        **kwargs,
+    ):
         if args or kwargs or not (in_second_order_scope() and tracks_grad(x, weight)):
-            return native_fn(x, weight, strides, paddings, padding_algorithm, groups,
-                             dilations, data_format, *args, **kwargs)
+            return native_fn(
+                x,
+                weight,
+                strides,
+                paddings,
+                padding_algorithm,
+                groups,
+                dilations,
+                data_format,
+                *args,
+                **kwargs,
+            )
         x = _connect_input(x, weight)
-        return native("conv2d")(x, weight, strides, paddings, padding_algorithm, dilations,
-                                groups, data_format)
+        return native("conv2d")(
+            x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format
+        )
 
     return depthwise_conv2d

@@ -26,14 +26,17 @@ class _SoftmaxCrossEntropy(paddle.autograd.PyLayer):
         softmax, loss = native("cross_entropy_with_softmax")(
             logits, label, soft_label, use_softmax, stable, ignore_index, axis
         )
-        ctx.save_for_backward(logits, label, softmax)
+        ctx.save_for_backward(logits, label)
+        # Outputs are kept detached: saving a PyLayer's own output leaks the graph.
+        ctx.softmax = softmax.detach()
         ctx.attrs = (soft_label, use_softmax, stable, ignore_index, axis)
         ctx.required = requires(logits, label)
         return softmax, loss
 
     @staticmethod
     def backward(ctx, d_softmax, d_loss):
-        logits, label, softmax = ctx.saved_tensor()
+        logits, label = ctx.saved_tensor()
+        softmax = ctx.softmax
         soft_label, use_softmax, stable, ignore_index, axis = ctx.attrs
         axis = axis % logits.ndim
         if d_loss is None:

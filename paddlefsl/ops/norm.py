@@ -59,7 +59,9 @@ def _normalized_grads(x, dy, weight, axes, epsilon, mean=None, var=None):
     x_hat = centered * inv_std
     g = dy if weight is None else dy * weight
     if batch_stats:
-        dx = inv_std * (g - g.mean(axes, keepdim=True) - x_hat * (g * x_hat).mean(axes, keepdim=True))
+        dx = inv_std * (
+            g - g.mean(axes, keepdim=True) - x_hat * (g * x_hat).mean(axes, keepdim=True)
+        )
     else:
         dx = g * inv_std
     return dx, dy * x_hat
@@ -81,7 +83,8 @@ class _BatchNorm(paddle.autograd.PyLayer):
             call.use_global_stats,
             call.trainable_statistics,
         )
-        call.outputs = tuple(outputs)
+        # Not outputs[0]: that tensor becomes this PyLayer's output, and keeping it here leaks.
+        call.outputs = (None, *outputs[1:])
         ctx.call = call
         ctx.required = requires(x, weight, bias)
         ctx.save_for_backward(x, weight, bias)
@@ -129,14 +132,46 @@ class _BatchNorm(paddle.autograd.PyLayer):
 
 @register("batch_norm")
 def _batch_norm(native_fn: Callable) -> Callable:
-    def batch_norm(x, running_mean, running_var, weight, bias, is_test, momentum, epsilon,
-                   data_format, use_global_stats, trainable_statistics, *args, **kwargs):
-        plain = (x, running_mean, running_var, weight, bias, is_test, momentum, epsilon,
-                 data_format, use_global_stats, trainable_statistics)
+    def batch_norm(
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        is_test,
+        momentum,
+        epsilon,
+        data_format,
+        use_global_stats,
+        trainable_statistics,
+        *args,
+        **kwargs,
+    ):
+        plain = (
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            is_test,
+            momentum,
+            epsilon,
+            data_format,
+            use_global_stats,
+            trainable_statistics,
+        )
         if not plain_call(args, kwargs) or not tracks_grad(x, weight, bias):
             return native_fn(*plain, *args, **kwargs)
-        call = _BatchNormCall(running_mean, running_var, bool(is_test), momentum, epsilon,
-                              data_format, bool(use_global_stats), bool(trainable_statistics))
+        call = _BatchNormCall(
+            running_mean,
+            running_var,
+            bool(is_test),
+            momentum,
+            epsilon,
+            data_format,
+            bool(use_global_stats),
+            bool(trainable_statistics),
+        )
         out = _BatchNorm.apply(x, weight, bias, call)
         return (out, *call.outputs[1:])
 

@@ -27,13 +27,15 @@ class _MaxPool2d(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, x, attrs):
         out = native("pool2d")(x, *attrs)
-        ctx.save_for_backward(x, out)
+        # Outputs are kept detached: saving a PyLayer's own output leaks the graph.
+        ctx.save_for_backward(x)
+        ctx.out = out.detach()
         ctx.attrs = attrs
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x, out = ctx.saved_tensor()
+        (x,), out = ctx.saved_tensor(), ctx.out
         attrs = ctx.attrs
         if not creating_graph():
             return native("pool2d_grad")(x, out, dy, *attrs)
@@ -64,10 +66,33 @@ class _MaxPool2dWithIndex(paddle.autograd.PyLayer):
 
 @register("pool2d")
 def _pool2d(native_fn: Callable) -> Callable:
-    def pool2d(x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format,
-               pooling_type, global_pooling, adaptive, padding_algorithm, *args, **kwargs):
-        attrs = (kernel_size, strides, paddings, ceil_mode, exclusive, data_format,
-                 pooling_type, global_pooling, adaptive, padding_algorithm)
+    def pool2d(
+        x,
+        kernel_size,
+        strides,
+        paddings,
+        ceil_mode,
+        exclusive,
+        data_format,
+        pooling_type,
+        global_pooling,
+        adaptive,
+        padding_algorithm,
+        *args,
+        **kwargs,
+    ):
+        attrs = (
+            kernel_size,
+            strides,
+            paddings,
+            ceil_mode,
+            exclusive,
+            data_format,
+            pooling_type,
+            global_pooling,
+            adaptive,
+            padding_algorithm,
+        )
         supported = (
             pooling_type == "max"
             and data_format == "NCHW"
@@ -83,8 +108,17 @@ def _pool2d(native_fn: Callable) -> Callable:
 
 @register("max_pool2d_with_index")
 def _max_pool2d_with_index(native_fn: Callable) -> Callable:
-    def max_pool2d_with_index(x, kernel_size, strides, paddings, global_pooling, adaptive,
-                              ceil_mode=False, *args, **kwargs):
+    def max_pool2d_with_index(
+        x,
+        kernel_size,
+        strides,
+        paddings,
+        global_pooling,
+        adaptive,
+        ceil_mode=False,
+        *args,
+        **kwargs,
+    ):
         attrs = (kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode)
         if not plain_call(args, kwargs) or not tracks_grad(x):
             return native_fn(x, *attrs, *args, **kwargs)

@@ -1,0 +1,280 @@
+"""Second-order meta-gradients against float64 finite differences and closed forms."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import paddle
+import pytest
+from paddle import nn
+
+from paddlefsl.metaopt import ANIL, MAML, SecondOrderUnsupportedError, check_second_order
+from paddlefsl.models import Conv4
+
+RTOL = 1e-5
+
+
+class Tokens(nn.Layer):
+    """A small transformer text classifier (Embedding, encoder layer, mean pooling)."""
+
+    def __init__(self, vocab=12, dim=8, classes=3, activation="gelu"):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.encoder = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, activation=activation)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids)).mean(1))
+
+
+def _labels(n, ways=3):
+    return paddle.to_tensor(np.arange(n) % ways)
+
+
+def _assert_exact(report):
+    assert report.ok, str(report)
+    # The check must be able to tell second order from first order on this problem.
+    assert abs(report.first_order - report.numeric) > 100 * RTOL * abs(report.numeric), str(report)
+
+
+def _mlp():
+    return nn.Sequential(
+        nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
+
+
+def _conv4():
+    return Conv4(1, 3, hidden=4, pooling="max", image_size=16)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize(
+    "name, build, inputs",
+    [
+        ("mlp", _mlp, lambda: paddle.randn([9, 4])),
+        ("conv4", _conv4, lambda: paddle.randn([6, 1, 16, 16])),
+        ("transformer", Tokens, lambda: paddle.randint(0, 12, [6, 5])),
+    ],
+)
+def test_maml_matches_finite_differences(name, build, inputs, steps):
+    x, xq = inputs(), inputs()
+    y, yq = _labels(x.shape[0]), _labels(xq.shape[0])
+    maml = MAML(build(), lr=0.5)
+    report = check_second_order(
+        maml, nn.CrossEntropyLoss(), (x, y), (xq, yq), steps=steps, rtol=RTOL
+    )
+    _assert_exact(report)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("name", ["mlp", "conv4", "transformer"])
+def test_anil_matches_finite_differences(name, steps):
+    if name == "mlp":
+        model, x = _mlp(), paddle.randn([9, 4])
+        features, head = model[:4], model[4]
+    elif name == "conv4":
+        model, x = _conv4(), paddle.randn([6, 1, 16, 16])
+        features, head = model.features, model.head
+    else:
+        model, x = Tokens(), paddle.randint(0, 12, [6, 5])
+        features = nn.Sequential(model.embed, model.encoder)
+
+        class MeanHead(nn.Layer):
+            def __init__(self, head):
+                super().__init__()
+                self.linear = head
+
+            def forward(self, h):
+                return self.linear(paddle.tanh(h).mean(1))
+
+        head = MeanHead(model.head)
+    y = _labels(x.shape[0])
+    anil = ANIL(features, head, lr=0.5)
+    report = check_second_order(anil, nn.CrossEntropyLoss(), (x, y), (x, y), steps=steps, rtol=RTOL)
+    _assert_exact(report)
+
+
+LAYERS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate=True),
+    "leaky_relu": lambda: nn.LeakyReLU(),
+    "sigmoid": lambda: nn.Sigmoid(),
+    "softmax": lambda: nn.Softmax(),
+    "log_softmax": lambda: nn.LogSoftmax(),
+    "batchnorm1d": lambda: nn.BatchNorm1D(8),
+    "layernorm": lambda: nn.LayerNorm(8),
+    "dropout_p0": lambda: nn.Dropout(0.0),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_vector_layers(layer):
+    model = nn.Sequential(nn.Linear(6, 8), LAYERS[layer](), nn.Linear(8, 3))
+    x = paddle.randn([6, 6])
+    y = _labels(6)
+    report = check_second_order(
+        MAML(model, lr=0.3), nn.CrossEntropyLoss(), (x, y), (x, y), steps=2, rtol=RTOL
+    )
+    _assert_exact(report)
+
+
+IMAGE_LAYERS = {
+    "identity": (lambda: nn.Identity(), 64),
+    "batchnorm2d": (lambda: nn.BatchNorm2D(4), 64),
+    "maxpool2": (lambda: nn.MaxPool2D(2), 16),
+    "maxpool3_s1_p1": (lambda: nn.MaxPool2D(3, 1, 1), 64),
+    "avgpool2": (lambda: nn.AvgPool2D(2), 16),
+    "adaptive_avg": (lambda: nn.AdaptiveAvgPool2D(1), 4),
+    "adaptive_max": (lambda: nn.AdaptiveMaxPool2D(1), 4),
+    "flatten": (lambda: nn.Flatten(), 64),
+}
+
+
+class ImageNet(nn.Layer):
+    def __init__(self, layer, features, conv=None):
+        super().__init__()
+        self.conv = conv or nn.Conv2D(2, 4, 3)
+        self.layer = layer
+        self.head = nn.Linear(features, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(paddle.tanh(self.conv(x))).reshape([x.shape[0], -1]))
+
+
+@pytest.mark.parametrize("layer", sorted(IMAGE_LAYERS))
+def test_image_layers(layer):
+    build, features = IMAGE_LAYERS[layer]
+    x = paddle.randn([6, 2, 6, 6])
+    y = _labels(6)
+    report = check_second_order(
+        MAML(ImageNet(build(), features), lr=0.3),
+        nn.CrossEntropyLoss(),
+        (x, y),
+        (x, y),
+        steps=2,
+        rtol=RTOL,
+    )
+    _assert_exact(report)
+
+
+def test_conv1d_and_depthwise_conv():
+    class Net(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1D(2, 4, 3)
+            self.dw = nn.Conv2D(4, 4, 3, padding=1, groups=4)
+            self.head = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            n = x.shape[0]
+            h = paddle.tanh(self.c1(x.reshape([n * 6, 2, 8]))).reshape([n, 6, 4, 6])
+            h = paddle.tanh(self.dw(h.transpose([0, 2, 1, 3])))
+            return self.head(h.reshape([n, -1]))
+
+    x = paddle.randn([6, 6, 2, 8])
+    y = _labels(6)
+    report = check_second_order(
+        MAML(Net(), lr=0.3), nn.CrossEntropyLoss(), (x, y), (x, y), rtol=RTOL
+    )
+    _assert_exact(report)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        nn.CrossEntropyLoss(),
+        nn.CrossEntropyLoss(reduction="sum"),
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(ignore_index=1),
+        nn.MSELoss(),
+    ],
+    ids=["ce", "ce_sum", "ce_smooth", "ce_ignore", "mse"],
+)
+def test_losses(loss):
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = paddle.randn([6, 5])
+    if isinstance(loss, nn.MSELoss):
+        y = paddle.randn([6, 3])
+    else:
+        y = _labels(6)
+    report = check_second_order(MAML(model, lr=0.3), loss, (x, y), (x, y), steps=2, rtol=RTOL)
+    _assert_exact(report)
+
+
+def test_soft_label_cross_entropy():
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = paddle.randn([6, 5])
+    y = paddle.nn.functional.softmax(paddle.randn([6, 3]))
+
+    def loss(logits, target):
+        return paddle.nn.functional.cross_entropy(
+            logits, target.astype(logits.dtype), soft_label=True
+        )
+
+    report = check_second_order(MAML(model, lr=0.3), loss, (x, y), (x, y), steps=2, rtol=RTOL)
+    _assert_exact(report)
+
+
+def test_closed_form_scalar(float64):
+    """f(x) = w x, squared loss: d/dw L_q(w - a x_s (w x_s - y_s)) in closed form."""
+    w0, a, xs, ys, xq, yq = 0.7, 0.1, 1.5, 2.0, -0.5, 1.0
+    model = nn.Linear(1, 1, bias_attr=False)
+    model.weight.set_value(paddle.to_tensor([[w0]]))
+    maml = MAML(model, lr=a)
+    learner = maml.clone()
+    learner.adapt(0.5 * ((learner(paddle.to_tensor([[xs]])) - ys) ** 2).sum())
+    (0.5 * ((learner(paddle.to_tensor([[xq]])) - yq) ** 2).sum()).backward()
+    w1 = w0 - a * xs * (w0 * xs - ys)
+    expected = (w1 * xq - yq) * xq * (1 - a * xs * xs)
+    np.testing.assert_allclose(model.weight.grad.numpy()[0, 0], expected, rtol=1e-12)
+    # First order drops the (1 - a xs^2) factor.
+    model.clear_gradients()
+    learner = maml.clone(first_order=True)
+    learner.adapt(0.5 * ((learner(paddle.to_tensor([[xs]])) - ys) ** 2).sum())
+    (0.5 * ((learner(paddle.to_tensor([[xq]])) - yq) ** 2).sum()).backward()
+    np.testing.assert_allclose(model.weight.grad.numpy()[0, 0], (w1 * xq - yq) * xq, rtol=1e-12)
+
+
+def test_unsupported_op_raises_clear_error():
+    class LogSumExpHead(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.linear(x)
+            return h - paddle.logsumexp(h, axis=-1, keepdim=True)
+
+    maml = MAML(LogSumExpHead(), lr=0.1)
+    learner = maml.clone()
+    loss = (learner(paddle.randn([5, 4])) ** 2).mean()
+    with pytest.raises(SecondOrderUnsupportedError, match="logsumexp.*first_order=True"):
+        learner.adapt(loss)
+    # First order works on the same model.
+    learner = maml.clone(first_order=True)
+    learner.adapt((learner(paddle.randn([5, 4])) ** 2).mean())
+
+
+def test_model_built_before_import_is_exact():
+    """A TransformerEncoderLayer captures F.gelu at construction; it must still be exact."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, paddle
+        from paddle import nn
+        paddle.seed(0)
+        enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="gelu")
+        head = nn.Linear(8, 3)
+        import paddlefsl.metaopt as mo
+        model = nn.Sequential(enc, nn.Flatten(1), nn.Linear(8 * 4, 3))
+        x = paddle.randn([6, 4, 8]); y = paddle.to_tensor(np.arange(6) % 3)
+        r = mo.check_second_order(mo.MAML(model, lr=0.5), nn.CrossEntropyLoss(), (x, y), (x, y))
+        print("RESULT", r.ok, r.relative_error)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    line = [s for s in out.stdout.splitlines() if s.startswith("RESULT")]
+    assert line, out.stderr[-2000:]
+    assert line[0].split()[1] == "True", line[0]
