@@ -61,8 +61,8 @@ class BaseLearner(paddle.nn.Layer):
         # Set on clones only: structured name -> current fast weight / statistic.
         self._fast: dict[str, paddle.Tensor] | None = None
         self._stats: dict[str, paddle.Tensor] | None = None
-        if not self.first_order:
-            ops.install()
+        # Needed for exact second order, and faster in first order too (see paddlefsl.ops).
+        ops.install()
 
     # ----------------------------------------------------------------- protocol
     def adapted_names(self) -> list[str]:
@@ -103,8 +103,6 @@ class BaseLearner(paddle.nn.Layer):
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         if first_order is not None:
-            if not first_order and self.first_order and not ops.is_installed():
-                ops.install()
             new.__dict__["first_order"] = bool(first_order)
         if self._fast is None:
             params = adaptable_parameters(self.module)

@@ -15,7 +15,7 @@ from typing import Any
 
 import paddle
 
-from ._common import creating_graph, only_required, plain_call, reduce_axes, requires, tracks_grad
+from ._common import creating_graph, only_required, plain_call, requires, tracks_grad
 from ._registry import native, register
 
 _CHANNEL_LAST = ("NHWC", "NLC", "NDHWC")
@@ -115,18 +115,23 @@ class _BatchNorm(paddle.autograd.PyLayer):
             )
             return only_required(tuple(grads), ctx.required)
         channel = x.ndim - 1 if call.data_format in _CHANNEL_LAST else 1
-        axes = reduce_axes(x.ndim, channel)
-        shape = [1] * x.ndim
-        shape[channel] = -1
-        w = None if weight is None else weight.reshape(shape)
+        # Work on [C, everything else]: Paddle's CPU kernels broadcast a [C, 1] operand
+        # along the last axis quickly, but a [1, C, 1, 1] one several times slower.
+        to_rows = [channel] + [a for a in range(x.ndim) if a != channel]
+        back = [to_rows.index(a) for a in range(x.ndim)]
+        rows_shape = [x.shape[a] for a in to_rows]
+        x_rows = x.transpose(to_rows).reshape([x.shape[channel], -1])
+        dy_rows = dy.transpose(to_rows).reshape([x.shape[channel], -1])
+        w = None if weight is None else weight.reshape([-1, 1])
         if call.global_stats:
-            mean = call.running_mean.reshape(shape)
-            var = call.running_var.reshape(shape)
-            dx, dw_map = _normalized_grads(x, dy, w, axes, call.epsilon, mean, var)
+            mean = call.running_mean.reshape([-1, 1])
+            var = call.running_var.reshape([-1, 1])
+            dx, dw_map = _normalized_grads(x_rows, dy_rows, w, [1], call.epsilon, mean, var)
         else:
-            dx, dw_map = _normalized_grads(x, dy, w, axes, call.epsilon)
-        dw = dw_map.sum(axes)
-        db = dy.sum(axes)
+            dx, dw_map = _normalized_grads(x_rows, dy_rows, w, [1], call.epsilon)
+        dx = dx.reshape(rows_shape).transpose(back)
+        dw = dw_map.sum(1)
+        db = dy_rows.sum(1)
         return only_required((dx, dw, db), ctx.required)
 
 

@@ -23,30 +23,6 @@ def _scatter_to_input(x: paddle.Tensor, index: paddle.Tensor, dy: paddle.Tensor)
     return dx.reshape([n, c, h, w])
 
 
-class _MaxPool2d(paddle.autograd.PyLayer):
-    @staticmethod
-    def forward(ctx, x, attrs):
-        out = native("pool2d")(x, *attrs)
-        # Outputs are kept detached: saving a PyLayer's own output leaks the graph.
-        ctx.save_for_backward(x)
-        ctx.out = out.detach()
-        ctx.attrs = attrs
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        (x,), out = ctx.saved_tensor(), ctx.out
-        attrs = ctx.attrs
-        if not creating_graph():
-            return native("pool2d_grad")(x, out, dy, *attrs)
-        kernel, strides, paddings, ceil_mode, _, _, _, global_pooling, adaptive, _ = attrs
-        with paddle.no_grad():
-            _, index = native("max_pool2d_with_index")(
-                x, kernel, strides, paddings, global_pooling, adaptive, ceil_mode
-            )
-        return _scatter_to_input(x, index, dy)
-
-
 class _MaxPool2dWithIndex(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, x, attrs, holder: list):
@@ -101,9 +77,19 @@ def _pool2d(native_fn: Callable) -> Callable:
         )
         if not plain_call(args, kwargs) or not supported or not tracks_grad(x):
             return native_fn(x, *attrs, *args, **kwargs)
-        return _MaxPool2d.apply(x, attrs)
+        # The indexed kernel is also the faster one on CPU: its backward is a scatter, while
+        # pool2d_grad searches every window again.
+        index_attrs = (kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode)
+        out, _ = _max_pool2d_with_index_impl(x, index_attrs)
+        return out
 
     return pool2d
+
+
+def _max_pool2d_with_index_impl(x, attrs):
+    holder: list = []
+    out = _MaxPool2dWithIndex.apply(x, attrs, holder)
+    return out, holder[0]
 
 
 @register("max_pool2d_with_index")
@@ -122,8 +108,6 @@ def _max_pool2d_with_index(native_fn: Callable) -> Callable:
         attrs = (kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode)
         if not plain_call(args, kwargs) or not tracks_grad(x):
             return native_fn(x, *attrs, *args, **kwargs)
-        holder: list = []
-        out = _MaxPool2dWithIndex.apply(x, attrs, holder)
-        return out, holder[0]
+        return _max_pool2d_with_index_impl(x, attrs)
 
     return max_pool2d_with_index
