@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import paddle
 
-from ._common import creating_graph, plain_call, tracks_grad
+from ._common import plain_call, tracks_grad
 from ._registry import native, register
 
 
@@ -39,35 +39,27 @@ def _embedding(native_fn: Callable) -> Callable:
     return embedding
 
 
-class _Dropout(paddle.autograd.PyLayer):
-    @staticmethod
-    def forward(ctx, x, seed_tensor, attrs, holder: list):
-        out, mask = native("dropout")(x, seed_tensor, *attrs)
-        holder.append(mask)
-        ctx.save_for_backward(mask)
-        ctx.attrs = attrs
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        (mask,) = ctx.saved_tensor()
-        p, is_test, mode, _, _ = ctx.attrs
-        if not creating_graph():
-            return native("dropout_grad")(mask, dy, p, is_test, mode)
-        if is_test:
-            return dy if mode == "upscale_in_train" else dy * (1.0 - p)
-        scale = 1.0 / (1.0 - p) if (mode == "upscale_in_train" and p < 1.0) else 1.0
-        return dy * mask.astype(dy.dtype) * scale
+def _dropout_formula(x, p, is_test, mode):
+    """Dropout from elementwise ops, all with double gradients (Paddle's kernel has none)."""
+    if is_test:
+        return x if mode == "upscale_in_train" else x * (1.0 - p)
+    if p >= 1.0:
+        return x * 0.0
+    keep = (paddle.rand(x.shape, dtype=x.dtype) >= p).astype(x.dtype)
+    return x * keep * (1.0 / (1.0 - p)) if mode == "upscale_in_train" else x * keep
 
 
 @register("dropout")
 def _dropout(native_fn: Callable) -> Callable:
     def dropout(x, seed_tensor, p, is_test, mode, seed, fix_seed, *args, **kwargs):
-        attrs = (p, is_test, mode, seed, fix_seed)
-        if not plain_call(args, kwargs) or not isinstance(p, float | int) or not tracks_grad(x):
-            return native_fn(x, seed_tensor, *attrs, *args, **kwargs)
-        holder: list = []
-        out = _Dropout.apply(x, seed_tensor, attrs, holder)
-        return out, holder[0]
+        simple = (
+            seed_tensor is None
+            and not fix_seed
+            and isinstance(p, float | int)
+            and mode in ("upscale_in_train", "downscale_in_infer")
+        )
+        if not plain_call(args, kwargs) or not simple or not tracks_grad(x):
+            return native_fn(x, seed_tensor, p, is_test, mode, seed, fix_seed, *args, **kwargs)
+        return _dropout_formula(x, float(p), bool(is_test), mode)
 
     return dropout
