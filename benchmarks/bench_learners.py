@@ -34,9 +34,15 @@ ALGOS = ("maml", "fomaml", "anil", "foanil")
 WAYS, SHOTS, QUERIES = 5, 1, 15
 
 
-def run_one(workload: str, algo: str, iters: int, warmup: int) -> dict:
+def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -> dict:
     import numpy as np
     import paddle
+    import paddle.distributed as dist
+
+    rank, world = 0, 1
+    if nproc > 1:
+        dist.init_parallel_env()
+        rank, world = dist.get_rank(), dist.get_world_size()
 
     from paddlefsl.metaopt import ANIL, MAML
     from paddlefsl.models import Conv4
@@ -58,12 +64,19 @@ def run_one(workload: str, algo: str, iters: int, warmup: int) -> dict:
     yq = paddle.to_tensor(np.repeat(np.arange(WAYS), QUERIES))
     loss_fn = paddle.nn.CrossEntropyLoss()
 
+    params = [p for p in learner.parameters() if not p.stop_gradient]
+
     def iteration():
-        for b in range(w["meta_batch"]):
+        # With several processes each takes its share of the meta-batch; the summed
+        # gradients are the meta-batch average because every loss is divided by its size.
+        for b in range(rank, w["meta_batch"], world):
             clone = learner.clone()
             for _ in range(w["steps"]):
                 clone.adapt(loss_fn(clone(xs[b]), ys))
             (loss_fn(clone(xq[b]), yq) / w["meta_batch"]).backward()
+        if world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
         opt.step()
         opt.clear_grad()
 
@@ -74,16 +87,30 @@ def run_one(workload: str, algo: str, iters: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if world > 1:
+        total = paddle.to_tensor([rss])
+        dist.all_reduce(total)
+        rss = float(total.numpy()[0])
     return {
         "workload": workload,
         "algo": algo,
         "median_s": round(median, 3),
         "min_s": round(min(times), 3),
         "tasks_per_s": round(w["meta_batch"] / median, 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(rss, 1),  # summed over processes
+        "nproc": world,
         "iters": iters,
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
+
+
+def _spawned(workload: str, algo: str, iters: int, warmup: int, nproc: int) -> None:
+    import paddle.distributed as dist
+
+    result = run_one(workload, algo, iters, warmup, nproc)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
@@ -92,9 +119,26 @@ def main() -> None:
     parser.add_argument("--algo", choices=ALGOS)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes (paddle.distributed, gloo on CPU) sharing each meta-batch",
+    )
     args = parser.parse_args()
     if args.workload and args.algo:
-        print("RESULT " + json.dumps(run_one(args.workload, args.algo, args.iters, args.warmup)))
+        if args.nproc > 1:
+            import paddle.distributed as dist
+
+            dist.spawn(
+                _spawned,
+                args=(args.workload, args.algo, args.iters, args.warmup, args.nproc),
+                nprocs=args.nproc,
+            )
+        else:
+            print(
+                "RESULT " + json.dumps(run_one(args.workload, args.algo, args.iters, args.warmup))
+            )
         return
     rows = []
     for workload in [args.workload] if args.workload else list(WORKLOADS):

@@ -1,0 +1,79 @@
+"""The functional core: substitution by name, restoration, tied and fused-RNN weights."""
+
+import numpy as np
+import paddle
+import pytest
+from paddle import nn
+
+from paddlefsl.functional import (
+    adaptable_parameters,
+    functional_call,
+    named_grad,
+    running_statistics,
+    substituted,
+)
+
+
+def test_functional_call_equals_manual_forward():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = paddle.randn([5, 3])
+    new = {name: p * 2.0 for name, p in adaptable_parameters(net).items()}
+    out = functional_call(net, new, x)
+    manual = paddle.tanh(x @ new["0.weight"] + new["0.bias"]) @ new["2.weight"] + new["2.bias"]
+    np.testing.assert_allclose(out.numpy(), manual.numpy(), rtol=1e-6)
+    # And the module is back to its own parameters.
+    np.testing.assert_allclose(net(x).numpy(), (net[2](paddle.tanh(net[0](x)))).numpy())
+    assert isinstance(net[0].weight, paddle.base.framework.EagerParamBase)
+
+
+def test_tied_weights_follow_the_substitute():
+    class Tied(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3, bias_attr=False)
+            self.b = nn.Linear(3, 3, bias_attr=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    net = Tied()
+    names = list(adaptable_parameters(net))
+    assert names == ["a.weight"]
+    w = paddle.eye(3) * 2.0
+    x = paddle.ones([1, 3])
+    np.testing.assert_allclose(functional_call(net, {"a.weight": w}, x).numpy(), [[4.0] * 3])
+
+
+def test_fused_lstm_uses_substituted_weights():
+    lstm = nn.LSTM(3, 4)
+    x = paddle.randn([2, 5, 3])
+    zeros = {name: paddle.zeros_like(p) for name, p in adaptable_parameters(lstm).items()}
+    out, _ = functional_call(lstm, zeros, x)
+    np.testing.assert_allclose(out.numpy(), 0.0, atol=1e-7)
+    out, _ = lstm(x)
+    assert np.abs(out.numpy()).max() > 1e-3
+
+
+def test_unknown_name_is_a_clear_error():
+    with pytest.raises(KeyError, match="not parameters or buffers"):
+        with substituted(nn.Linear(2, 2), {"nope": paddle.zeros([1])}):
+            pass
+
+
+def test_running_statistics_are_the_batchnorm_stats():
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1D(3))
+    assert sorted(running_statistics(net)) == ["1._mean", "1._variance"]
+    assert "1._mean" not in adaptable_parameters(net)
+
+
+def test_named_grad_reports_unused_and_checks_scalar():
+    a = paddle.to_tensor([1.0, 2.0], stop_gradient=False)
+    b = paddle.to_tensor([3.0], stop_gradient=False)
+    grads = named_grad((a * a).sum(), {"a": a, "b": b})
+    assert grads["b"] is None
+    np.testing.assert_allclose(grads["a"].numpy(), [2.0, 4.0])
+    with pytest.raises(ValueError, match="do not influence"):
+        named_grad((a * a).sum(), {"a": a, "b": b}, allow_unused=False)
+    with pytest.raises(ValueError, match="scalar"):
+        named_grad(a * a, {"a": a})
