@@ -115,11 +115,10 @@ class ClassDataset(paddle.io.Dataset, _ClassIndex):
         ((1, 4, 4), dtype('float32'), 1)
         >>> ds.indices_of(2).tolist()
         [4, 5]
+
     """
 
-    def __init__(
-        self, images: Any, labels: Any, class_names: Sequence[str] | None = None
-    ) -> None:
+    def __init__(self, images: Any, labels: Any, class_names: Sequence[str] | None = None) -> None:
         super().__init__()
         shape = tuple(images.shape)
         if len(shape) not in (3, 4):
@@ -136,9 +135,7 @@ class ClassDataset(paddle.io.Dataset, _ClassIndex):
         self.labels = _check_labels(labels, shape[0])
         self._build_index()
         if class_names is not None and len(class_names) != self.num_classes:
-            raise ValueError(
-                f"got {len(class_names)} class names for {self.num_classes} classes."
-            )
+            raise ValueError(f"got {len(class_names)} class names for {self.num_classes} classes.")
         self.class_names = list(class_names) if class_names is not None else None
 
     def __len__(self) -> int:
@@ -156,6 +153,7 @@ class ClassDataset(paddle.io.Dataset, _ClassIndex):
             >>> ds = ClassDataset(np.full((3, 2, 2, 3), 255, np.uint8), [0, 1, 1])
             >>> ds.get_images([2, 0]).shape
             (2, 3, 2, 2)
+
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         # Reading a memory map in ascending order keeps disk access sequential.
@@ -163,13 +161,14 @@ class ClassDataset(paddle.io.Dataset, _ClassIndex):
         raw = np.asarray(self.images[idx[order]])
         batch = np.empty_like(raw)
         batch[order] = raw
+        chw = batch[:, None] if batch.ndim == 3 else batch.transpose(0, 3, 1, 2)
+        # One pass from the (strided) uint8 view into contiguous float32.
+        out = np.empty(chw.shape, dtype=np.float32)
         if batch.dtype == np.uint8:
-            out = batch.astype(np.float32) / np.float32(255.0)
+            np.divide(chw, np.float32(255.0), out=out, dtype=np.float32)
         else:
-            out = batch.astype(np.float32, copy=False)
-        if out.ndim == 3:
-            return out[:, None]
-        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+            out[...] = chw
+        return out
 
 
 class DatasetAdapter(paddle.io.Dataset, _ClassIndex):
@@ -189,6 +188,7 @@ class DatasetAdapter(paddle.io.Dataset, _ClassIndex):
         >>> ds = DatasetAdapter(pairs)
         >>> ds.classes.tolist(), ds.get_images([0, 1]).shape
         ([0, 1], (2, 1, 2, 2))
+
     """
 
     def __init__(self, dataset: Any, labels: Any = None) -> None:
@@ -231,6 +231,7 @@ def as_class_dataset(data: Any) -> Any:
         >>> ds = as_class_dataset((np.zeros((4, 3, 3), np.uint8), np.array([0, 0, 1, 1])))
         >>> type(ds).__name__, ds.num_classes
         ('ClassDataset', 2)
+
     """
     if all(hasattr(data, a) for a in ("classes", "indices_of", "get_images")):
         return data
