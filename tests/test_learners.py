@@ -125,6 +125,9 @@ def test_unused_parameters_stay_unchanged_or_raise():
     strict = MAML(model, lr=0.3, allow_unused=False).clone()
     with pytest.raises(ValueError, match="unused.weight.*allow_unused=True"):
         strict.adapt(nn.functional.mse_loss(strict(x), y))
+    strict = MAML(model, lr=0.3).clone(allow_unused=False)
+    with pytest.raises(ValueError, match="unused.weight"):
+        strict.adapt(nn.functional.mse_loss(strict(x), y))
 
 
 def test_anil_adapts_only_the_head_and_features_get_meta_gradient():

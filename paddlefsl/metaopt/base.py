@@ -91,19 +91,24 @@ class BaseLearner(paddle.nn.Layer):
         self._require_clone("fast_weights")
         return dict(self._fast)
 
-    def clone(self, first_order: bool | None = None) -> BaseLearner:
+    def clone(
+        self, first_order: bool | None = None, allow_unused: bool | None = None
+    ) -> BaseLearner:
         """A cheap copy that adapts its own fast weights; the model stays untouched.
 
         Cloning a clone continues from the clone's fast weights.
 
         Args:
             first_order: override this learner's ``first_order`` default for the clone.
+            allow_unused: override this learner's ``allow_unused`` default for the clone.
 
         """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         if first_order is not None:
             new.__dict__["first_order"] = bool(first_order)
+        if allow_unused is not None:
+            new.__dict__["allow_unused"] = bool(allow_unused)
         if self._fast is None:
             params = adaptable_parameters(self.module)
             new.__dict__["_fast"] = {name: params[name] for name in self.adapted_names()}
