@@ -1,0 +1,312 @@
+"""The ``paddlefsl`` command: ``train``, ``eval`` and the ``sinusoid`` demo.
+
+Usage errors (bad options, missing data, a resume with a different configuration)
+print one line and exit with code 2; a NaN / inf loss exits with 1; SIGINT / SIGTERM
+save a checkpoint and exit with 128 + the signal number. See ``docs/cli.md``.
+
+Example:
+    >>> main(["train", "--preset", "maml-omniglot-5w1s", "--data-root", "data/omniglot",
+    ...       "--output", "runs/omniglot-5w1s"])  # doctest: +SKIP
+    >>> main(["eval", "--checkpoint", "runs/omniglot-5w1s"])  # doctest: +SKIP
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["build_parser", "main"]
+
+DOCS = "docs/cli.md"
+_SPLITS = ("train", "val", "test")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _fail(prog: str, message: Any, code: int = 2) -> NoReturn:
+    text = " ".join(str(message).split())  # one line, whatever the exception held
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .train.config import ALGORITHMS, DATASETS
+    from .train.presets import PRESETS
+
+    s = argparse.SUPPRESS  # unset options stay absent, so the preset can fill them
+    p.add_argument("--preset", metavar="NAME", default=s,
+                   help=f"named paper configuration: {', '.join(PRESETS)}; options given "
+                        "explicitly override it")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default=s,
+                   help="maml (second order), fomaml (first order) or anil (head-only "
+                        "inner loop); default maml")
+    p.add_argument("--dataset", choices=DATASETS, default=s, help="default omniglot")
+    p.add_argument("--data-root", metavar="DIR", default=s,
+                   help=f"dataset folder (not needed for sinusoid); see {DOCS}#data")
+    p.add_argument("--output", metavar="DIR", default=s,
+                   help="run folder for config.json, metrics.jsonl and checkpoints/ "
+                        "(default runs/<preset or algorithm-dataset-NwKs>)")
+    group = p.add_argument_group("task")
+    group.add_argument("--ways", type=int, default=s, help="classes per task (N)")
+    group.add_argument("--shots", type=int, default=s, help="support examples per class (K)")
+    group.add_argument("--queries", type=int, default=s,
+                       help="query examples per class (default 15 for miniImageNet, else K)")
+    group = p.add_argument_group("optimisation")
+    group.add_argument("--meta-batch-size", type=int, default=s, help="tasks per meta-update")
+    group.add_argument("--inner-steps", type=int, default=s,
+                       help="inner-loop steps during meta-training")
+    group.add_argument("--inner-steps-test", type=int, default=s,
+                       help="inner-loop steps for validation and evaluation")
+    group.add_argument("--inner-lr", type=float, default=s, help="inner-loop learning rate")
+    group.add_argument("--meta-lr", type=float, default=s, help="Adam meta learning rate")
+    group.add_argument("--iterations", type=int, default=s, help="meta-updates in the run")
+    group.add_argument("--seed", type=int, default=s, help="initialisation and task seed")
+    group = p.add_argument_group("model")
+    group.add_argument("--hidden", type=int, default=s,
+                       help="Conv4 channels / MLP width (64 Omniglot, 32 miniImageNet)")
+    group.add_argument("--pooling", choices=("max", "stride"), default=s,
+                       help="Conv4 max-pooling or strided convolutions")
+    group.add_argument("--image-size", type=int, default=s, help="image side in pixels")
+    group.add_argument("--omniglot-scheme", choices=("maml", "vinyals"), default=s,
+                       help="Omniglot class split (default maml)")
+    group = p.add_argument_group("run")
+    group.add_argument("--eval-every", type=int, default=s,
+                       help="validate every N iterations (0: at the end only)")
+    group.add_argument("--checkpoint-every", type=int, default=s,
+                       help="save the last checkpoint every N iterations (0: at the end)")
+    group.add_argument("--log-every", type=int, default=s,
+                       help="write a training row to metrics.jsonl every N iterations")
+    group.add_argument("--val-tasks", type=int, default=s,
+                       help="fixed validation tasks (0: no validation, no best checkpoint)")
+    group.add_argument("--eval-tasks", type=int, default=s,
+                       help="test tasks for 'paddlefsl eval' (default 600)")
+    group.add_argument("--num-workers", type=int, default=s, help="task-loading threads")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --output from its last checkpoint")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``paddlefsl`` command."""
+    parser = _Parser(prog="paddlefsl",
+                     description="Meta-learning with paddlefsl: train, evaluate, demo. "
+                                 f"Documentation: {DOCS}.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    train = sub.add_parser("train", help="meta-train MAML / FOMAML / ANIL",
+                           description="Meta-train a model; resumable, see " + DOCS)
+    _add_train_options(train)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on 600 fixed test tasks",
+                        description="Mean accuracy (MSE for sinusoid) and 95% confidence "
+                                    "interval on a fixed, seeded set of tasks.")
+    ev.add_argument("--checkpoint", required=True, metavar="DIR_OR_FILE",
+                    help="run folder, its checkpoints/ folder, a record .json or a .pdparams")
+    ev.add_argument("--which", choices=("best", "last"), default="best",
+                    help="checkpoint of a folder to use (default best, else last)")
+    ev.add_argument("--split", choices=_SPLITS, default="test", help="default test")
+    ev.add_argument("--eval-tasks", type=int, default=None, help="number of tasks (600)")
+    ev.add_argument("--inner-steps-test", type=int, default=None,
+                    help="adaptation steps (default: the run's)")
+    ev.add_argument("--data-root", default=None, metavar="DIR",
+                    help="dataset folder, if it moved since training")
+    ev.add_argument("--output", default=None, metavar="DIR",
+                    help="where to write eval_<split>.json (default: the run folder)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("sinusoid", add_help=False,
+                   help="the MAML sinusoid regression demo (options: paddlefsl sinusoid "
+                        "--help)")
+    return parser
+
+
+# ---------------------------------------------------------------------- train
+def _default_output(preset: str | None, given: dict[str, Any]) -> str:
+    if preset:
+        return str(Path("runs") / preset)
+    from .train.config import build_config
+
+    cfg, _ = build_config(None, **given)
+    return str(Path("runs") / f"{cfg.algorithm}-{cfg.dataset}-{cfg.ways}w{cfg.shots}s")
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from .train.checkpoint import CHECKPOINT_DIR
+    from .train.config import (
+        RUNTIME_FIELDS,
+        TrainConfig,
+        build_config,
+        check_resume,
+        load_config,
+    )
+    from .train.errors import ConfigError
+
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.fields()}
+    preset = given.pop("preset", None)
+    output = given.get("output") or _default_output(preset, given)
+    given["output"] = output
+    last = Path(output) / CHECKPOINT_DIR / "last.json"
+    if not args.resume:
+        config, _ = build_config(preset, **given)
+        if last.is_file():
+            raise ConfigError(
+                f"{output} already holds a run (checkpoints/last.json); pass --resume to "
+                "continue it, or choose another --output"
+            )
+        return config
+    if not last.is_file():
+        raise ConfigError(f"--resume: no checkpoint in {output} (expected {last})")
+    saved = load_config(output)
+    probe = dict(given)
+    probe.setdefault("dataset", saved.dataset)
+    candidate, specified = build_config(preset, **probe)
+    if "dataset" not in given and not preset:
+        specified.discard("dataset")
+    check_resume(saved.to_dict(), candidate.to_dict(), only=specified)
+    merged = saved.to_dict()
+    merged.update({k: v for k, v in given.items() if k in RUNTIME_FIELDS})
+    return TrainConfig.from_dict(merged).validate()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.builders import build_trainer
+
+    config = _train_config(args)
+    trainer = build_trainer(config, progress=not args.no_progress)
+    if args.resume:
+        start = trainer.resume()
+        print(f"resuming {config.output} at iteration {start}", file=sys.stderr)
+    print(f"{config.algorithm} on {config.dataset}: {config.ways}-way {config.shots}-shot, "
+          f"{config.iterations} iterations -> {config.output}", file=sys.stderr)
+    result = trainer.fit(config.iterations)
+    if result.status == "interrupted":
+        print(f"interrupted at iteration {result.iteration}; checkpoint saved. Continue with: "
+              f"paddlefsl train --resume --output {config.output}")
+        return 128 + int(result.signal or 2)
+    best = ""
+    if result.best_metric is not None and trainer.objective is not None:
+        best = (f"; best validation {trainer.objective.metric_name} "
+                f"{result.best_metric:.4f} at iteration {result.best_iteration}")
+    print(f"done: {result.iteration} iterations{best}. Evaluate with: paddlefsl eval "
+          f"--checkpoint {config.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------- eval
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train.builders import build_learner, build_tasks, eval_seed
+    from .train.checkpoint import CHECKPOINT_DIR, atomic_write_json, load_checkpoint
+    from .train.config import TrainConfig
+    from .train.errors import ConfigError
+    from .train.evaluate import evaluate
+    from .train.metrics import plot_learning_curve
+    from .train.presets import PRESETS
+
+    ckpt = load_checkpoint(args.checkpoint, which=args.which)
+    if not ckpt.config:
+        raise ConfigError(f"{ckpt.path} has no saved configuration; it was not written by "
+                          "'paddlefsl train'")
+    values = TrainConfig.from_dict(ckpt.config).to_dict()
+    for name in ("eval_tasks", "inner_steps_test", "data_root"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    config = TrainConfig.from_dict(values).validate()
+    learner = build_learner(config)
+    ckpt.load_model(learner.module)
+    tasks = build_tasks(config, args.split, num_tasks=config.eval_tasks)
+    result = evaluate(learner, tasks, config.inner_steps_test, config.task_type,
+                      progress=not args.no_progress)
+    run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == CHECKPOINT_DIR \
+        else ckpt.path.parent
+    out_dir = Path(args.output) if args.output else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preset = PRESETS.get(config.preset or "")
+    report = {
+        "split": args.split,
+        "checkpoint": str(ckpt.path),
+        "checkpoint_tag": ckpt.record.get("tag"),
+        "iteration": ckpt.iteration,
+        "task_seed": eval_seed(args.split),
+        "config": {k: values[k] for k in ("algorithm", "dataset", "ways", "shots", "queries",
+                                          "inner_lr", "preset")},
+        "paper": preset.paper if preset else None,
+        **result.to_dict(),
+    }
+    out_file = out_dir / f"eval_{args.split}.json"
+    atomic_write_json(out_file, report)
+    scale = 100.0 if result.metric == "accuracy" else 1.0
+    unit = "%" if result.metric == "accuracy" else ""
+    paper = f" (paper: {preset.paper}{unit})" if preset and preset.paper else ""
+    print(f"{args.split} {result.metric} {scale * result.mean:.2f}{unit} +- "
+          f"{scale * result.ci95:.2f}{unit} (95% CI, {result.num_tasks} tasks, "
+          f"{result.inner_steps} inner steps, iteration {ckpt.iteration}){paper}; "
+          f"written to {out_file}")
+    print(plot_learning_curve(run_dir, out_dir / "learning_curve.png"), file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- sinusoid
+def _cmd_sinusoid(argv: list[str]) -> int:
+    try:
+        demo = importlib.import_module("paddlefsl.demos.sinusoid")
+    except ModuleNotFoundError as err:
+        if err.name not in ("paddlefsl.demos", "paddlefsl.demos.sinusoid"):
+            raise
+        _fail("paddlefsl sinusoid", "the sinusoid demo (paddlefsl.demos.sinusoid) is not "
+              "part of this installation")
+    code = demo.main(argv)
+    # The demo returns its results (a dict); only an int is an exit status.
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``paddlefsl`` command; returns the exit code (errors raise ``SystemExit``).
+
+    Args:
+        argv: Arguments without the program name (default ``sys.argv[1:]``).
+
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "sinusoid":
+        # Everything after the subcommand belongs to the demo, including --help.
+        return _cmd_sinusoid(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("choose a command: train, eval or sinusoid")
+    prog = f"paddlefsl {args.command}"
+    handler = {"train": _cmd_train, "eval": _cmd_eval}[args.command]
+
+    from .data import CorruptDataError, TaskConfigError
+    from .train.errors import CheckpointError, ConfigError, NonFiniteLossError
+
+    try:
+        with warnings.catch_warnings():
+            # Paddle repeats this notice for every BatchNorm in train mode; it is expected
+            # here (MAML normalises with batch statistics) and would only clutter the output.
+            warnings.filterwarnings("ignore", message="When training, we now always track")
+            return handler(args)
+    except ConfigError as err:
+        _fail(prog, err)
+    except (TaskConfigError, CorruptDataError) as err:
+        _fail(prog, f"{err} (see {DOCS}#data)")
+    except FileNotFoundError as err:
+        _fail(prog, f"{err} (see {DOCS}#data)")
+    except CheckpointError as err:
+        _fail(prog, err)
+    except NonFiniteLossError as err:
+        _fail(prog, err, code=1)
+    except KeyboardInterrupt:
+        _fail(prog, "interrupted; the last checkpoint written is kept", code=130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Turn a :class:`~paddlefsl.train.config.TrainConfig` into model, learner, optimizer, tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import paddle
+
+from ..data import DEFAULT_EVAL_SEED, FixedTasks, SinusoidTasks, TaskSampler
+from ..metaopt import ANIL, MAML, BaseLearner
+from ..models import MLP, Conv4
+from .config import TrainConfig
+from .errors import ConfigError
+from .trainer import MetaTrainer
+
+__all__ = [
+    "DOCS_DATA",
+    "build_dataset",
+    "build_learner",
+    "build_model",
+    "build_optimizer",
+    "build_tasks",
+    "build_trainer",
+    "eval_seed",
+]
+
+DOCS_DATA = "docs/cli.md#data"
+_CHANNELS = {"omniglot": 1, "miniimagenet": 3}
+_EXPECTED = {
+    "omniglot": "images_background.zip and images_evaluation.zip (or their extracted "
+                "folders)",
+    "miniimagenet": "images/*.jpg with train.csv/val.csv/test.csv, <split>/<wnid>/*.jpg "
+                    "folders, or mini-imagenet-cache-<split>.pkl",
+}
+
+
+def eval_seed(split: str) -> int:
+    """Seed of the fixed evaluation tasks of a split (validation and test differ).
+
+    Example:
+        >>> eval_seed("test") != eval_seed("val")
+        True
+
+    """
+    return DEFAULT_EVAL_SEED + (1 if split == "val" else 0)
+
+
+def build_model(config: TrainConfig) -> paddle.nn.Layer:
+    """The backbone: Conv4 for images, the 2-layer ReLU MLP for sinusoid.
+
+    Example:
+        >>> from paddlefsl.train.config import build_config
+        >>> type(build_model(build_config(dataset="sinusoid")[0])).__name__
+        'MLP'
+
+    """
+    if config.dataset == "sinusoid":
+        return MLP(1, [config.hidden, config.hidden], 1)
+    return Conv4(_CHANNELS[config.dataset], config.ways, hidden=config.hidden,
+                 pooling=config.pooling, image_size=config.image_size)
+
+
+def build_learner(config: TrainConfig, model: paddle.nn.Layer | None = None) -> BaseLearner:
+    """MAML / FOMAML / ANIL around ``model`` (built from the config when ``None``)."""
+    model = build_model(config) if model is None else model
+    if config.algorithm == "anil":
+        return ANIL(model.features, model.head, lr=config.inner_lr)
+    return MAML(model, lr=config.inner_lr, first_order=config.first_order)
+
+
+def build_optimizer(config: TrainConfig, learner: BaseLearner) -> paddle.optimizer.Optimizer:
+    """Adam with ``meta_lr`` over the learner's parameters (MAML's meta-optimizer)."""
+    return paddle.optimizer.Adam(learning_rate=config.meta_lr, parameters=learner.parameters())
+
+
+def _require_root(config: TrainConfig) -> Path:
+    if not config.data_root:
+        raise ConfigError(
+            f"--data-root is required for --dataset {config.dataset}: a folder with "
+            f"{_EXPECTED[config.dataset]} (see {DOCS_DATA})"
+        )
+    root = Path(config.data_root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(
+            f"--data-root {config.data_root} is not a folder; it should hold "
+            f"{_EXPECTED[config.dataset]} (see {DOCS_DATA})"
+        )
+    return root
+
+
+def build_dataset(config: TrainConfig, split: str) -> Any:
+    """The class dataset of one split (``train``, ``val`` or ``test``) of an image dataset.
+
+    Raises:
+        ConfigError: ``data_root`` missing or not a folder.
+        FileNotFoundError: the dataset files are not there (message from the loader).
+
+    """
+    root = _require_root(config)
+    if config.dataset == "omniglot":
+        from ..data import Omniglot
+
+        return Omniglot(root, split=split, scheme=config.omniglot_scheme,
+                        image_size=config.image_size, rotations=True)
+    if config.dataset == "miniimagenet":
+        from ..data import MiniImageNet
+
+        return MiniImageNet(root, split=split, image_size=config.image_size)
+    raise ConfigError(f"{config.dataset} has no class dataset")
+
+
+def build_tasks(config: TrainConfig, split: str, num_tasks: int | None = None,
+                seed: int | None = None) -> Any:
+    """A task source for ``split``; with ``num_tasks``, a fixed seeded list of tasks.
+
+    Training tasks are seeded with ``config.seed``; fixed evaluation tasks with
+    :func:`eval_seed`, so they are the same for every run and every model.
+
+    Example:
+        >>> from paddlefsl.train.config import build_config
+        >>> cfg, _ = build_config(dataset="sinusoid")
+        >>> len(build_tasks(cfg, "val", num_tasks=5))
+        5
+
+    """
+    if seed is None:
+        seed = config.seed if num_tasks is None else eval_seed(split)
+    if config.dataset == "sinusoid":
+        source: Any = SinusoidTasks(shots=config.shots, queries=config.queries, seed=seed)
+    else:
+        source = TaskSampler(build_dataset(config, split), config.ways, config.shots,
+                             config.queries, seed=seed)
+    return source if num_tasks is None else FixedTasks(source, num_tasks)
+
+
+def build_trainer(config: TrainConfig, progress: bool = True,
+                  learner: BaseLearner | None = None) -> MetaTrainer:
+    """A :class:`MetaTrainer` for the whole configuration (data, model, optimizer).
+
+    The model is initialised from ``paddle.seed(config.seed)``, so two runs with the same
+    configuration start from the same weights.
+    """
+    paddle.seed(config.seed)
+    learner = build_learner(config) if learner is None else learner
+    optimizer = build_optimizer(config, learner)
+    train_tasks = build_tasks(config, "train")
+    val_tasks = build_tasks(config, "val", num_tasks=config.val_tasks) if config.val_tasks \
+        else None
+    return MetaTrainer(
+        learner, optimizer, train_tasks,
+        meta_batch_size=config.meta_batch_size,
+        inner_steps=config.inner_steps,
+        inner_steps_test=config.inner_steps_test,
+        val_tasks=val_tasks,
+        task_type=config.task_type,
+        output_dir=config.output,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        config=config.to_dict(),
+        num_workers=config.num_workers,
+        progress=progress,
+    )

@@ -1,0 +1,405 @@
+"""Crash-safe checkpoints: model ``.pdparams``, optimizer ``.pdopt`` and a JSON record.
+
+Layout of ``<run>/checkpoints/``::
+
+    iter-0000500.pdparams   model state_dict at iteration 500
+    iter-0000500.pdopt      optimizer state (Adam moments, LR schedule, ...)
+    last.json               record of the newest checkpoint
+    best.json               record of the best one on validation
+
+Every file is written to a temporary file in the same folder, fsynced, then moved into
+place with ``os.replace``. The binaries carry the iteration in their names and the JSON
+record, written last, is what points at them; so a kill at any moment leaves the
+previous record pointing at complete files. Files no record points at are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paddle
+
+from .errors import CheckpointError
+from .rng import capture_rng_state
+
+__all__ = [
+    "FORMAT",
+    "Checkpoint",
+    "CheckpointManager",
+    "atomic_write_bytes",
+    "load_checkpoint",
+    "resolve_checkpoint",
+]
+
+FORMAT = "paddlefsl-checkpoint/1"
+CHECKPOINT_DIR = "checkpoints"
+_TMP_SUFFIX = ".tmp"
+
+
+def _write_all(handle: Any, data: bytes) -> None:
+    # A separate function so tests can simulate a crash in the middle of a write.
+    handle.write(data)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "x.json"
+        >>> atomic_write_bytes(target, b"{}")
+        >>> target.read_bytes()
+        b'{}'
+
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as handle:
+            _write_all(handle, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """:func:`atomic_write_bytes` of ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _serialize(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    paddle.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _deserialize(data: bytes) -> Any:
+    return paddle.load(io.BytesIO(data))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------ optimizer state keys
+# Paddle keys optimizer accumulators by the parameters' global unique names
+# ("conv2d_3.w_0_moment1_0"), which depend on how many layers the process built before.
+# Stored keys use the structured names ("features.0.0.weight") so that a checkpoint loads
+# into a freshly built model, in a new process or in the same one.
+_PARAM_PREFIX = "param::"
+
+
+def _structured_names(model: paddle.nn.Layer) -> dict[str, str]:
+    return {p.name: name for name, p in model.named_parameters()}
+
+
+def _match_param(key: str, names: list[str]) -> str | None:
+    best = None
+    for name in names:
+        if key.startswith(name + "_") and (best is None or len(name) > len(best)):
+            best = name
+    return best
+
+
+def _rename_state(state: dict[str, Any], model: paddle.nn.Layer) -> dict[str, Any]:
+    to_structured = _structured_names(model)
+    names = list(to_structured)
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out[key] = _rename_state(value, model) if key == "master_weights" else value
+            continue
+        if key in to_structured:  # master_weights are keyed by the bare name
+            out[f"{_PARAM_PREFIX}{to_structured[key]}::"] = value
+            continue
+        owner = _match_param(key, names)
+        if owner is None:
+            out[key] = value
+        else:
+            suffix = key[len(owner):]
+            out[f"{_PARAM_PREFIX}{to_structured[owner]}::{suffix}"] = value
+    return out
+
+
+def _unrename_state(state: dict[str, Any], model: paddle.nn.Layer) -> dict[str, Any]:
+    to_unique = {name: p.name for name, p in model.named_parameters()}
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out[key] = _unrename_state(value, model) if key == "master_weights" else value
+            continue
+        if not key.startswith(_PARAM_PREFIX):
+            out[key] = value
+            continue
+        structured, suffix = key[len(_PARAM_PREFIX):].rsplit("::", 1)
+        if structured not in to_unique:
+            raise CheckpointError(
+                f"the optimizer state has an entry for parameter {structured!r}, which this "
+                "model does not have; the checkpoint was made with a different model"
+            )
+        out[to_unique[structured] + suffix] = value
+    return out
+
+
+# ------------------------------------------------------------------ records
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        record: The JSON record (iteration, rng, config, state, files, ...).
+        path: Path of the record file.
+        model_state: The model's state_dict.
+        optimizer_state: The optimizer state (structured-name keys), or ``None``.
+
+    """
+
+    record: dict[str, Any]
+    path: Path
+    model_state: dict[str, Any]
+    optimizer_state: dict[str, Any] | None
+
+    @property
+    def iteration(self) -> int:
+        """Number of completed meta-iterations when it was saved."""
+        return int(self.record["iteration"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run configuration saved with it (may be empty)."""
+        return dict(self.record.get("config") or {})
+
+    def load_model(self, model: paddle.nn.Layer) -> None:
+        """Copy the saved weights and buffers into ``model`` (same architecture).
+
+        Raises:
+            CheckpointError: the parameter names or shapes do not match.
+
+        """
+        own = model.state_dict()
+        missing = sorted(set(own) - set(self.model_state))
+        unexpected = sorted(set(self.model_state) - set(own))
+        wrong = sorted(k for k in set(own) & set(self.model_state)
+                       if list(own[k].shape) != list(self.model_state[k].shape))
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"checkpoint {self.path} does not fit this model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}"
+            )
+        model.set_state_dict(self.model_state)
+
+    def load_optimizer(self, optimizer: paddle.optimizer.Optimizer,
+                       model: paddle.nn.Layer) -> None:
+        """Restore the optimizer state (accumulators, LR schedule) for ``model``'s params."""
+        if self.optimizer_state is None:
+            raise CheckpointError(f"checkpoint {self.path} has no optimizer state")
+        optimizer.set_state_dict(_unrename_state(self.optimizer_state, model))
+
+
+def _all_finite(model: paddle.nn.Layer) -> bool:
+    return all(bool(paddle.isfinite(p).all()) for p in model.parameters())
+
+
+class CheckpointManager:
+    """Saves and loads the ``last`` / ``best`` checkpoints of one run.
+
+    Args:
+        run_dir: The run's output folder; checkpoints go to ``run_dir/checkpoints``.
+
+    Example:
+        >>> import tempfile, paddle
+        >>> net = paddle.nn.Linear(2, 2)
+        >>> opt = paddle.optimizer.Adam(1e-3, parameters=net.parameters())
+        >>> manager = CheckpointManager(tempfile.mkdtemp())
+        >>> _ = manager.save(["last"], net, opt, iteration=3, config={"seed": 0})
+        >>> manager.load("last").iteration
+        3
+
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.directory = self.run_dir / CHECKPOINT_DIR
+
+    def record_path(self, tag: str) -> Path:
+        """Where the record of ``tag`` lives."""
+        return self.directory / f"{tag}.json"
+
+    def has(self, tag: str) -> bool:
+        """Whether a ``tag`` record exists."""
+        return self.record_path(tag).is_file()
+
+    def save(
+        self,
+        tags: list[str] | tuple[str, ...],
+        model: paddle.nn.Layer,
+        optimizer: paddle.optimizer.Optimizer | None,
+        iteration: int,
+        config: dict[str, Any] | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the model, optimizer and random states, then point ``tags`` at them.
+
+        Args:
+            tags: Record names to update, e.g. ``["last"]`` or ``["last", "best"]``.
+            model: The model whose ``state_dict`` is saved.
+            optimizer: Its optimizer (``None`` to save weights only).
+            iteration: Completed meta-iterations.
+            config: Run configuration (JSON-serialisable).
+            state: Extra JSON-serialisable trainer state (best metric, ...).
+
+        Returns:
+            Path of the first record written.
+
+        Raises:
+            CheckpointError: the weights are NaN / infinite (never saved over a good one).
+
+        """
+        if not _all_finite(model):
+            raise CheckpointError(
+                f"refusing to save a checkpoint at iteration {iteration}: the weights contain "
+                "NaN or inf; the previous checkpoint is kept"
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stem = f"iter-{int(iteration):07d}"
+        files = {"model": f"{stem}.pdparams"}
+        blobs = {"model": _serialize(model.state_dict())}
+        if optimizer is not None:
+            files["optimizer"] = f"{stem}.pdopt"
+            blobs["optimizer"] = _serialize(_rename_state(optimizer.state_dict(), model))
+        for key, data in blobs.items():
+            atomic_write_bytes(self.directory / files[key], data)
+        record = {
+            "format": FORMAT,
+            "iteration": int(iteration),
+            "files": files,
+            "sha256": {key: _sha256(data) for key, data in blobs.items()},
+            "rng": capture_rng_state(),
+            "config": config or {},
+            "state": state or {},
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        written = []
+        for tag in tags:
+            path = self.record_path(tag)
+            atomic_write_json(path, dict(record, tag=tag))
+            written.append(path)
+        self._prune()
+        return written[0]
+
+    def _records(self) -> list[dict[str, Any]]:
+        out = []
+        for path in self.directory.glob("*.json"):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def _prune(self) -> None:
+        keep = {name for rec in self._records() for name in (rec.get("files") or {}).values()}
+        for path in self.directory.iterdir():
+            stale_tmp = path.name.startswith(".") and path.name.endswith(_TMP_SUFFIX)
+            orphan = path.name.startswith("iter-") and path.name not in keep
+            if stale_tmp or orphan:
+                path.unlink(missing_ok=True)
+
+    def load(self, tag: str = "last") -> Checkpoint:
+        """Load the ``tag`` checkpoint (see :func:`load_checkpoint`)."""
+        path = self.record_path(tag)
+        if not path.is_file():
+            raise CheckpointError(f"no '{tag}' checkpoint in {self.directory}")
+        return load_checkpoint(path)
+
+
+def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
+    """Find a checkpoint record from a run folder, its ``checkpoints`` folder or a file.
+
+    A folder resolves to its ``which`` record (``"best"``, falling back to ``"last"``);
+    a ``.pdparams`` / ``.pdopt`` file to the record that points at it.
+
+    Example:
+        >>> resolve_checkpoint("runs/does-not-exist")  # doctest: +SKIP
+        Traceback (most recent call last):
+        CheckpointError: ...
+
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for folder in (path / CHECKPOINT_DIR, path):
+            for tag in (which, "last", "best"):
+                candidate = folder / f"{tag}.json"
+                if candidate.is_file():
+                    return candidate
+        raise CheckpointError(
+            f"no checkpoint found in {path}: expected {path / CHECKPOINT_DIR}/best.json or "
+            "last.json (written by `paddlefsl train`)"
+        )
+    if path.suffix == ".json" and path.is_file():
+        return path
+    if path.suffix in (".pdparams", ".pdopt") and path.is_file():
+        for candidate in sorted(path.parent.glob("*.json")):
+            try:
+                files = json.loads(candidate.read_text()).get("files", {})
+            except (OSError, ValueError):
+                continue
+            if path.name in files.values():
+                return candidate
+        raise CheckpointError(f"no checkpoint record in {path.parent} refers to {path.name}")
+    raise CheckpointError(f"checkpoint {path} does not exist")
+
+
+def load_checkpoint(path: str | os.PathLike, which: str = "best") -> Checkpoint:
+    """Load a checkpoint: the record, the model state and the optimizer state.
+
+    Args:
+        path: A run folder, its ``checkpoints`` folder, a record ``.json`` or a
+            ``.pdparams`` file.
+        which: For folders, ``"best"`` or ``"last"``.
+
+    Raises:
+        CheckpointError: missing files, a checksum mismatch or an unknown format.
+
+    """
+    record_path = resolve_checkpoint(path, which)
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint record {record_path}: {err}") from err
+    if record.get("format") != FORMAT:
+        raise CheckpointError(f"{record_path} is not a paddlefsl checkpoint record")
+    loaded: dict[str, Any] = {}
+    for key, name in record["files"].items():
+        file = record_path.parent / name
+        try:
+            data = file.read_bytes()
+        except OSError as err:
+            raise CheckpointError(f"checkpoint file {file} is missing: {err}") from err
+        if _sha256(data) != record["sha256"][key]:
+            raise CheckpointError(f"checkpoint file {file} is damaged (sha256 mismatch)")
+        loaded[key] = _deserialize(data)
+    return Checkpoint(record, record_path, loaded["model"], loaded.get("optimizer"))

@@ -1,0 +1,96 @@
+import json
+import sys
+import types
+
+import pytest
+
+from paddlefsl.cli import main
+
+SINUSOID = ["train", "--dataset", "sinusoid", "--iterations", "4", "--meta-batch-size", "2",
+            "--eval-every", "2", "--checkpoint-every", "2", "--val-tasks", "2", "--hidden", "8",
+            "--no-progress"]
+
+
+def _error(capsys, argv, code=2):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == code
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if "warn" not in line.lower()]
+    assert len(lines) == 1, err  # one line, no traceback
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--ways", "0"], "--ways must be an integer >= 1 (got 0)"),
+    (["train", "--ways", "five"], "--ways: invalid int value"),
+    (["train", "--preset", "maml-cifar-5w1s"], "unknown preset 'maml-cifar-5w1s'"),
+    (["train", "--algorithm", "reptile"], "invalid choice: 'reptile'"),
+    (["train", "--inner-lr", "-0.1", "--dataset", "sinusoid"], "--inner-lr must be positive"),
+    (["train", "--dataset", "omniglot"], "--data-root is required"),
+    (["eval"], "--checkpoint"),
+    ([], "choose a command"),
+])
+def test_bad_options_exit_2_with_one_line(capsys, tmp_path, argv, expected):
+    argv = argv + (["--output", str(tmp_path / "run")] if argv[:1] == ["train"] else [])
+    line = _error(capsys, argv)
+    assert line.startswith("paddlefsl")
+    assert expected.replace("must be positive", "must be a positive number") in line
+
+
+def test_missing_data_says_what_is_expected(capsys, tmp_path):
+    missing = tmp_path / "nowhere"
+    line = _error(capsys, ["train", "--dataset", "omniglot", "--data-root", str(missing),
+                           "--output", str(tmp_path / "run")])
+    assert "images_background.zip" in line and "docs/cli.md#data" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = _error(capsys, ["train", "--preset", "maml-miniimagenet-5w1s", "--data-root",
+                           str(empty), "--output", str(tmp_path / "run2")])
+    assert "not found" in line and "docs/cli.md#data" in line
+
+
+def test_train_resume_eval_end_to_end(capsys, tmp_path):
+    out = str(tmp_path / "run")
+    assert main(SINUSOID + ["--output", out]) == 0
+    assert "done: 4 iterations" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["iterations"] == 4
+
+    # Same folder again without --resume: refused, the run is kept.
+    line = _error(capsys, SINUSOID + ["--output", out])
+    assert "--resume" in line
+
+    # Resuming with a different weight-changing option names the fields.
+    line = _error(capsys, ["train", "--resume", "--output", out, "--inner-lr", "0.1",
+                           "--seed", "4"])
+    assert "inner_lr (saved 0.01, given 0.1)" in line and "seed" in line
+
+    # Extending the run needs only the folder and the new length.
+    assert main(["train", "--resume", "--output", out, "--iterations", "6",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "resuming" in captured.err and "done: 6 iterations" in captured.out
+
+    assert main(["eval", "--checkpoint", out, "--which", "last", "--eval-tasks", "5",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "test mse" in captured.out and "95% CI, 5 tasks" in captured.out
+    report = json.loads((tmp_path / "run" / "eval_test.json").read_text())
+    assert report["iteration"] == 6 and report["num_tasks"] == 5
+    assert report["metric"] == "mse" and len(report["values"]) == 5
+    assert report["ci95"] >= 0 and report["config"]["dataset"] == "sinusoid"
+
+
+def test_eval_bad_checkpoint(capsys, tmp_path):
+    line = _error(capsys, ["eval", "--checkpoint", str(tmp_path)])
+    assert "no checkpoint found" in line
+
+
+def test_sinusoid_subcommand_forwards_argv(monkeypatch):
+    calls = []
+    demo = types.ModuleType("paddlefsl.demos.sinusoid")
+    demo.main = lambda argv: calls.append(argv) or {"maml": {}}
+    monkeypatch.setitem(sys.modules, "paddlefsl.demos.sinusoid", demo)
+    assert main(["sinusoid", "--iterations", "7", "--help"]) == 0
+    assert calls == [["--iterations", "7", "--help"]]

@@ -1,0 +1,77 @@
+import pytest
+
+from paddlefsl.train import PRESETS, ConfigError, build_config
+from paddlefsl.train.config import RUNTIME_FIELDS, TrainConfig, config_diff
+
+# name: (algorithm, dataset, shots, queries, meta_batch, steps, test steps, inner lr,
+#        hidden, pooling, image size)
+EXPECTED = {
+    "maml-omniglot-5w1s": ("maml", "omniglot", 1, 1, 32, 1, 3, 0.4, 64, "stride", 28),
+    "maml-omniglot-5w5s": ("maml", "omniglot", 5, 5, 32, 1, 3, 0.4, 64, "stride", 28),
+    "maml-miniimagenet-5w1s": ("maml", "miniimagenet", 1, 15, 4, 5, 10, 0.01, 32, "max", 84),
+    "maml-miniimagenet-5w5s": ("maml", "miniimagenet", 5, 15, 2, 5, 10, 0.01, 32, "max", 84),
+    "anil-omniglot-5w1s": ("anil", "omniglot", 1, 1, 32, 1, 3, 0.4, 64, "stride", 28),
+    "anil-omniglot-5w5s": ("anil", "omniglot", 5, 5, 32, 1, 3, 0.4, 64, "stride", 28),
+    "anil-miniimagenet-5w1s": ("anil", "miniimagenet", 1, 15, 4, 5, 10, 0.01, 32, "max", 84),
+    "anil-miniimagenet-5w5s": ("anil", "miniimagenet", 5, 15, 2, 5, 10, 0.01, 32, "max", 84),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_presets_match_the_papers(name):
+    cfg, _ = build_config(name)
+    got = (cfg.algorithm, cfg.dataset, cfg.shots, cfg.queries, cfg.meta_batch_size,
+           cfg.inner_steps, cfg.inner_steps_test, cfg.inner_lr, cfg.hidden, cfg.pooling,
+           cfg.image_size)
+    assert got == EXPECTED[name]
+    assert (cfg.ways, cfg.meta_lr, cfg.iterations, cfg.preset) == (5, 1e-3, 60000, name)
+    if cfg.dataset == "omniglot":
+        assert cfg.omniglot_scheme == "maml"
+
+
+def test_every_preset_is_tested():
+    assert set(PRESETS) == set(EXPECTED)
+
+
+def test_explicit_options_override_the_preset():
+    cfg, given = build_config("maml-omniglot-5w1s", inner_lr=0.1, shots=5)
+    assert (cfg.inner_lr, cfg.shots, cfg.queries, cfg.meta_batch_size) == (0.1, 5, 5, 32)
+    assert {"inner_lr", "shots", "meta_batch_size"} <= given
+
+
+def test_dataset_defaults_without_preset():
+    cfg, given = build_config(dataset="sinusoid")
+    assert (cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.inner_lr) == \
+        (1, 10, 10, 25, 0.01)
+    assert cfg.task_type == "regression" and given == {"dataset"}
+    assert build_config(dataset="miniimagenet")[0].queries == 15
+
+
+@pytest.mark.parametrize("options, flag", [
+    ({"ways": 0}, "--ways"),
+    ({"shots": -1}, "--shots"),
+    ({"meta_batch_size": 0}, "--meta-batch-size"),
+    ({"inner_lr": 0.0}, "--inner-lr"),
+    ({"meta_lr": float("nan")}, "--meta-lr"),
+    ({"algorithm": "reptile"}, "--algorithm"),
+    ({"dataset": "cifar"}, "--dataset"),
+    ({"dataset": "sinusoid", "ways": 5}, "--ways"),
+    ({"pooling": "max", "image_size": 8}, "--image-size"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_invalid_options_name_the_flag(options, flag):
+    with pytest.raises(ConfigError, match=flag):
+        build_config(**options)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="maml-omniglot-5w1s"):
+        build_config("maml-cifar")
+
+
+def test_config_diff_ignores_runtime_fields():
+    a = TrainConfig().to_dict()
+    b = dict(a, iterations=5, num_workers=3, inner_lr=0.1)
+    assert config_diff(a, b) == {"inner_lr": (0.4, 0.1)}
+    assert config_diff(a, b, only={"iterations"}) == {}
+    assert "iterations" in RUNTIME_FIELDS and "seed" not in RUNTIME_FIELDS

@@ -1,0 +1,63 @@
+import math
+
+import numpy as np
+import paddle
+import pytest
+from train_helpers import SIZE
+
+from paddlefsl.data import FixedTasks, SinusoidTasks, fixed_tasks
+from paddlefsl.metaopt import ANIL, MAML
+from paddlefsl.models import MLP, Conv4
+from paddlefsl.train import confidence_interval, evaluate
+
+
+def test_confidence_interval_formula():
+    values = [0.2, 0.4, 0.6, 1.0]
+    mean, std, ci = confidence_interval(values)
+    assert mean == pytest.approx(0.55)
+    assert std == pytest.approx(np.std(values))  # population std, as the MAML code
+    assert ci == pytest.approx(1.96 * np.std(values) / math.sqrt(4))
+    with pytest.raises(ValueError):
+        confidence_interval([])
+
+
+def _state(model):
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_evaluate_is_deterministic_and_leaves_model_untouched(splits, algorithm):
+    _, val = splits
+    paddle.seed(0)
+    net = Conv4(1, 5, hidden=4, pooling="max", image_size=SIZE)
+    learner = ANIL(net.features, net.head, lr=0.4) if algorithm == "anil" \
+        else MAML(net, lr=0.4)
+    learner.eval()
+    before = _state(net)
+    tasks = fixed_tasks(val, 5, 1, 2, num_tasks=6)
+    first = evaluate(learner, tasks, inner_steps=2)
+    second = evaluate(learner, tasks, inner_steps=2)
+    assert first.values == second.values and first.num_tasks == 6
+    assert first.metric == "accuracy" and 0.0 <= first.mean <= 1.0
+    after = _state(net)
+    for key in before:  # weights and BatchNorm running statistics
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert not learner.training  # mode restored
+    assert all(p.grad is None for p in net.parameters())  # no graph or gradient left behind
+
+
+def test_evaluate_regression_mse_and_tuples():
+    paddle.seed(0)
+    maml = MAML(MLP(1, [8], 1), lr=0.01)
+    tasks = FixedTasks(SinusoidTasks(5, 5, seed=1), 4)
+    result = evaluate(maml, tasks, inner_steps=1)
+    assert result.metric == "mse" and result.loss == pytest.approx(result.mean)
+    as_tuples = [t.to_tensors() for t in tasks]
+    assert evaluate(maml, as_tuples, inner_steps=1).values == pytest.approx(result.values)
+    assert "mse" in str(result) and "4 tasks" in str(result)
+
+
+def test_evaluate_needs_meta_learner():
+    maml = MAML(paddle.nn.Linear(1, 1), lr=0.1)
+    with pytest.raises(ValueError, match="clone"):
+        evaluate(maml.clone(), [], inner_steps=1)

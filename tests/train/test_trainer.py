@@ -1,0 +1,182 @@
+import json
+import os
+import signal
+
+import numpy as np
+import paddle
+import pytest
+from train_helpers import SIZE, params_of
+
+from paddlefsl.data import TaskSampler, fixed_tasks
+from paddlefsl.metaopt import ANIL, MAML
+from paddlefsl.models import Conv4
+from paddlefsl.train import (
+    CheckpointManager,
+    ConfigMismatchError,
+    MetaTrainer,
+    NonFiniteLossError,
+    evaluate,
+    read_metrics,
+)
+
+
+def test_short_run_learns_easy_classes(splits):
+    train, val = splits
+    paddle.seed(0)
+    maml = MAML(Conv4(1, 5, hidden=8, pooling="max", image_size=SIZE), lr=0.4)
+    opt = paddle.optimizer.Adam(3e-3, parameters=maml.parameters())
+    tasks = fixed_tasks(val, 5, 1, 3, num_tasks=20)
+    before = evaluate(maml, tasks, inner_steps=1).mean
+    trainer = MetaTrainer(maml, opt, TaskSampler(train, 5, 1, 3), meta_batch_size=4,
+                          progress=False)
+    result = trainer.fit(iterations=50)
+    after = evaluate(maml, tasks, inner_steps=1).mean
+    assert result.status == "completed" and result.iteration == 50
+    assert after > 0.5, (before, after)  # chance is 0.2
+    assert after > before + 0.15, (before, after)
+
+
+@pytest.mark.slow
+def test_longer_run_reaches_high_accuracy(splits):
+    train, val = splits
+    paddle.seed(0)
+    maml = MAML(Conv4(1, 5, hidden=16, pooling="max", image_size=SIZE), lr=0.4)
+    opt = paddle.optimizer.Adam(3e-3, parameters=maml.parameters())
+    MetaTrainer(maml, opt, TaskSampler(train, 5, 1, 3), meta_batch_size=4,
+                progress=False).fit(iterations=300)
+    assert evaluate(maml, fixed_tasks(val, 5, 1, 3, num_tasks=50), inner_steps=3).mean > 0.9
+
+
+def test_anil_and_fomaml_train(splits):
+    train, _ = splits
+    for first_order, anil in ((True, False), (False, True)):
+        paddle.seed(0)
+        net = Conv4(1, 3, hidden=4, pooling="max", image_size=SIZE)
+        learner = ANIL(net.features, net.head, lr=0.4) if anil \
+            else MAML(net, lr=0.4, first_order=first_order)
+        opt = paddle.optimizer.Adam(1e-2, parameters=learner.parameters())
+        before = {n: p.numpy().copy() for n, p in net.named_parameters()}
+        result = MetaTrainer(learner, opt, TaskSampler(train, 3, 1, 2), meta_batch_size=2,
+                             progress=False).fit(3)
+        assert result.status == "completed"
+        changed = [n for n, p in net.named_parameters() if not np.array_equal(p.numpy(),
+                                                                              before[n])]
+        assert any(n.startswith("features") for n in changed)  # features get meta-gradients
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_resume_is_exact(factory, tmp_path, kind):
+    make = getattr(factory, kind)
+    extra = {"lr_schedule": True} if kind == "classification" else {"dropout": 0.3}
+    common = dict(eval_every=2, checkpoint_every=3, log_every=1, **extra)
+    full = make(output_dir=tmp_path / "full", **common)
+    full.fit(6)
+
+    first = make(output_dir=tmp_path / "split", **common)
+    first.fit(3)
+    # A fresh process would rebuild the model from scratch: other init, other param names.
+    second = make(output_dir=tmp_path / "split", init_seed=123, **common)
+    assert second.resume() == 3
+    second.fit(6)
+
+    a, b = params_of(full), params_of(second)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    opt_a, opt_b = full.optimizer.state_dict(), second.optimizer.state_dict()
+    if kind == "classification":
+        assert opt_a["LR_Scheduler"] == opt_b["LR_Scheduler"]
+    rows = [(r["iteration"], r["split"]) for r in read_metrics(tmp_path / "split") if "split" in r]
+    assert len(rows) == len(set(rows))  # the resumed run logged nothing twice
+    train_rows = [(r["iteration"], r["loss"]) for r in read_metrics(tmp_path / "split")
+                  if r.get("split") == "train"]
+    assert train_rows == [(r["iteration"], r["loss"]) for r in read_metrics(tmp_path / "full")
+                          if r.get("split") == "train"]
+
+
+def test_resume_with_different_config_is_refused(factory, tmp_path):
+    factory.classification(output_dir=tmp_path).fit(2)
+    other = factory.classification(output_dir=tmp_path)
+    other.config["ways"] = 3
+    with pytest.raises(ConfigMismatchError, match="ways"):
+        other.resume()
+
+
+def test_best_and_last_checkpoints(factory, tmp_path):
+    trainer = factory.classification(output_dir=tmp_path, eval_every=2, checkpoint_every=4)
+    result = trainer.fit(5)
+    manager = CheckpointManager(tmp_path)
+    assert manager.load("last").iteration == 5
+    best = manager.load("best")
+    assert best.iteration == result.best_iteration
+    assert best.record["state"]["best_metric"] == pytest.approx(result.best_metric)
+    assert json.loads((tmp_path / "config.json").read_text()) == trainer.config
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("iter-*"))
+    wanted = {f"iter-{i:07d}.{ext}" for i in {5, best.iteration} for ext in ("pdparams", "pdopt")}
+    assert set(kept) == wanted  # older binaries are pruned
+
+
+class _PoisonedTasks:
+    """Task source whose tasks from ``start`` on contain NaN inputs."""
+
+    def __init__(self, source, start):
+        self.source, self.start = source, start
+
+    def sample(self, index):
+        task = self.source.sample(index)
+        if index >= self.start:
+            task.support_x = np.full_like(task.support_x, np.nan)
+        return task
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(factory, tmp_path):
+    trainer = factory.classification(output_dir=tmp_path, checkpoint_every=2, val_tasks=0)
+    trainer.train_tasks = _PoisonedTasks(trainer.train_tasks, start=5 * 2)  # iteration 5
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(8)
+    message = str(info.value)
+    assert "iteration 5" in message and "iteration 4" in message and "last.json" in message
+    assert info.value.iteration == 5
+    ckpt = CheckpointManager(tmp_path).load("last")
+    assert ckpt.iteration == 4
+    assert all(np.isfinite(v.numpy()).all() for v in ckpt.model_state.values())
+    # The in-memory model never took the NaN step either.
+    assert all(np.isfinite(p.numpy()).all() for p in trainer.model.parameters())
+    events = [r.get("event") for r in read_metrics(tmp_path)]
+    assert "non_finite" in events
+
+
+class _SignalAt:
+    """Task source that sends SIGTERM to this process when task ``index`` is drawn."""
+
+    def __init__(self, source, index):
+        self.source, self.index = source, index
+
+    def sample(self, index):
+        if index == self.index:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.source.sample(index)
+
+
+def test_sigterm_saves_checkpoint_and_returns(factory, tmp_path):
+    def fallback(signum, frame):  # only runs if the trainer failed to install its handler
+        raise RuntimeError("trainer did not handle SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, fallback)
+    try:
+        trainer = factory.classification(output_dir=tmp_path, checkpoint_every=0, val_tasks=0)
+        trainer.train_tasks = _SignalAt(trainer.train_tasks, index=3 * 2)  # iteration 3
+        result = trainer.fit(10)
+        assert signal.getsignal(signal.SIGTERM) is fallback  # handlers restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.status == "interrupted" and result.signal == signal.SIGTERM
+    assert result.iteration == 4  # the iteration in progress was finished
+    assert CheckpointManager(tmp_path).load("last").iteration == 4
+
+
+def test_regression_reports_mse(factory):
+    trainer = factory.regression()
+    result = trainer.fit(2)
+    assert trainer.objective.metric_name == "mse"
+    assert "mse" in result.train and result.val.metric == "mse"
