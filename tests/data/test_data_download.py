@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import OMNI_DRAWINGS, OMNI_LAYOUT, write_omniglot_zip
+from data_factories import OMNI_DRAWINGS, OMNI_LAYOUT, write_omniglot_zip
 
 from paddlefsl.data import (
     OMNIGLOT_ARCHIVES,

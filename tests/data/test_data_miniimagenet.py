@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import (
+from data_factories import (
     MINI_CLASSES,
     MINI_PER_CLASS,
     class_colour,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
+from data_factories import (
     OMNI_DRAWINGS,
     make_omniglot,
     omniglot_characters,
@@ -143,7 +143,7 @@ def test_stale_cache_when_source_changes(omniglot_splits, tmp_path):
     header = next(cache.rglob("*.json"))
     before = header.read_text()
     # Replace the evaluation archive by one with an extra alphabet.
-    from conftest import write_omniglot_zip
+    from data_factories import write_omniglot_zip
 
     write_omniglot_zip(
         root / "images_evaluation.zip", "images_evaluation", {"Gamma": 3, "Delta": 1}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from data_factories import SHARED
 
 from paddlefsl.data import MetaBatchLoader, MiniImageNet, Omniglot, TaskSampler, fixed_tasks
 
