@@ -92,6 +92,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-tasks", type=int, default=s,
                        help="test tasks for 'paddlefsl eval' (default 600)")
     group.add_argument("--num-workers", type=int, default=s, help="task-loading threads")
+    group.add_argument("--nproc", type=int, default=s,
+                       help="processes sharing each meta-batch via paddle.distributed (gloo on "
+                            "CPU): one per core uses the whole machine; default 1")
     group.add_argument("--resume", action="store_true",
                        help="continue the run in --output from its last checkpoint")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -176,26 +179,48 @@ def _train_config(args: argparse.Namespace) -> Any:
     return TrainConfig.from_dict(merged).validate()
 
 
+def _train_worker(config: Any, progress: bool, resume: bool) -> None:
+    """One process of a ``--nproc`` run (started by ``paddle.distributed.spawn``)."""
+    import paddle.distributed as dist
+
+    dist.init_parallel_env()
+    code = _run_training(config, progress, resume)
+    if code:
+        raise SystemExit(code)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    config = _train_config(args)
+    if config.nproc > 1:
+        import paddle.distributed as dist
+
+        dist.spawn(_train_worker, args=(config, not args.no_progress, args.resume),
+                   nprocs=config.nproc)
+        return 0
+    return _run_training(config, not args.no_progress, args.resume)
+
+
+def _run_training(config: Any, progress: bool, resume: bool) -> int:
     from .train.builders import build_trainer
 
-    config = _train_config(args)
-    trainer = build_trainer(config, progress=not args.no_progress)
-    if args.resume:
+    trainer = build_trainer(config, progress=progress)
+    # One report per run: the other processes of a --nproc run stay quiet.
+    say = print if trainer.group.is_main else (lambda *args, **kwargs: None)
+    if resume:
         start = trainer.resume()
-        print(f"resuming {config.output} at iteration {start}", file=sys.stderr)
-    print(f"{config.algorithm} on {config.dataset}: {config.ways}-way {config.shots}-shot, "
+        say(f"resuming {config.output} at iteration {start}", file=sys.stderr)
+    say(f"{config.algorithm} on {config.dataset}: {config.ways}-way {config.shots}-shot, "
           f"{config.iterations} iterations -> {config.output}", file=sys.stderr)
     result = trainer.fit(config.iterations)
     if result.status == "interrupted":
-        print(f"interrupted at iteration {result.iteration}; checkpoint saved. Continue with: "
+        say(f"interrupted at iteration {result.iteration}; checkpoint saved. Continue with: "
               f"paddlefsl train --resume --output {config.output}")
         return 128 + int(result.signal or 2)
     best = ""
     if result.best_metric is not None and trainer.objective is not None:
         best = (f"; best validation {trainer.objective.metric_name} "
                 f"{result.best_metric:.4f} at iteration {result.best_iteration}")
-    print(f"done: {result.iteration} iterations{best}. Evaluate with: paddlefsl eval "
+    say(f"done: {result.iteration} iterations{best}. Evaluate with: paddlefsl eval "
           f"--checkpoint {config.output}")
     return 0
 

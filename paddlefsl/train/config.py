@@ -30,7 +30,7 @@ DATASETS = ("omniglot", "miniimagenet", "sinusoid")
 #: Fields that may change when a run is resumed: they never change the weights.
 RUNTIME_FIELDS = frozenset({
     "iterations", "eval_every", "checkpoint_every", "log_every", "val_tasks", "eval_tasks",
-    "num_workers", "data_root", "output", "preset",
+    "num_workers", "data_root", "output", "preset", "nproc",
 })
 
 CONFIG_FILE = "config.json"
@@ -64,6 +64,8 @@ class TrainConfig:
         val_tasks: Validation tasks (0 disables validation and the ``best`` checkpoint).
         eval_tasks: Test tasks of ``paddlefsl eval``.
         num_workers: Background threads loading tasks.
+        nproc: Processes sharing each meta-batch (``paddle.distributed``; one per core on
+            a CPU). Results match a one-process run up to float summation order.
         data_root: Dataset folder (unused for sinusoid).
         output: Run folder (config, metrics, checkpoints).
         preset: Name of the preset it started from, if any (informative).
@@ -97,6 +99,7 @@ class TrainConfig:
     val_tasks: int = 100
     eval_tasks: int = 600
     num_workers: int = 0
+    nproc: int = 1
     data_root: str | None = None
     output: str | None = None
     preset: str | None = None
@@ -136,7 +139,7 @@ class TrainConfig:
         _choice("omniglot_scheme", self.omniglot_scheme, ("maml", "vinyals"))
         for name in ("ways", "shots", "queries", "meta_batch_size", "inner_steps",
                      "inner_steps_test", "iterations", "hidden", "image_size", "log_every",
-                     "eval_tasks"):
+                     "eval_tasks", "nproc"):
             _integer(name, getattr(self, name), 1)
         for name in ("seed", "eval_every", "checkpoint_every", "val_tasks", "num_workers"):
             _integer(name, getattr(self, name), 0)

@@ -18,6 +18,7 @@ import paddle
 from ..data import MetaBatchLoader
 from .checkpoint import CheckpointManager, atomic_write_json, load_checkpoint
 from .config import CONFIG_FILE, RUNTIME_FIELDS, config_diff
+from .distributed import Group, current_group
 from .errors import CheckpointError, ConfigMismatchError, NonFiniteLossError
 from .evaluate import EvalResult, evaluate
 from .metrics import MetricsLog
@@ -114,6 +115,8 @@ class MetaTrainer:
         num_workers: Background threads for task loading.
         progress: Show a tqdm progress bar.
         handle_signals: Catch SIGINT / SIGTERM (main thread only).
+        group: Processes sharing each meta-batch (default: the ``paddle.distributed``
+            group if one is initialised). Rank 0 alone writes files, logs and validates.
 
     Example:
         >>> import numpy as np, paddle
@@ -150,7 +153,10 @@ class MetaTrainer:
         num_workers: int = 0,
         progress: bool = True,
         handle_signals: bool = True,
+        group: Group | None = None,
     ) -> None:
+        self.group = current_group() if group is None else group
+        main = self.group.is_main
         self.learner = learner
         self.model = getattr(learner, "module", learner)
         self.optimizer = optimizer
@@ -170,13 +176,13 @@ class MetaTrainer:
             scheduler = lr if isinstance(lr, paddle.optimizer.lr.LRScheduler) else None
         self.scheduler = scheduler
         self.num_workers = int(num_workers)
-        self.progress = progress
+        self.progress = progress and main
         self.handle_signals = handle_signals
         self.iteration = 0
         self.best_metric: float | None = None
         self.best_iteration: int | None = None
         self.checkpoints = CheckpointManager(self.output_dir) if self.output_dir else None
-        self.metrics = MetricsLog(self.output_dir) if self.output_dir else None
+        self.metrics = MetricsLog(self.output_dir) if (self.output_dir and main) else None
         self._stop_signal: int | None = None
         self._last_saved: int | None = None
         self._last_checkpoint: str | None = None
@@ -239,7 +245,10 @@ class MetaTrainer:
         """
         size = len(batch)
         loss_sum = metric_sum = 0.0
+        bad: str | None = None
         for b, (sx, sy, qx, qy) in enumerate(batch):
+            if not self.group.owns(b):
+                continue
             if self.objective is None:
                 self.objective = get_objective(infer_task_type(sy))
             objective = self.objective
@@ -248,16 +257,23 @@ class MetaTrainer:
             loss = objective.loss(out, qy)
             value = float(loss)
             if not math.isfinite(value):
-                self.optimizer.clear_grad()
                 index = int(batch.indices[b]) if hasattr(batch, "indices") else b
-                raise NonFiniteLossError(
-                    f"non-finite meta-loss ({value}) at iteration {self.iteration} "
-                    f"(task {index})", iteration=self.iteration)
+                bad = (f"non-finite meta-loss ({value}) at iteration {self.iteration} "
+                       f"(task {index})")
+                break
             (loss / size).backward()
             loss_sum += value
             metric_sum += objective.metric(out.detach(), qy)
             del clone, out, loss  # drop this task's graph before the next one
         params = getattr(self.optimizer, "_parameter_list", None) or self.learner.parameters()
+        # Every process takes part in the same collectives, also when one of them failed.
+        loss_sum, metric_sum, failures = self.group.sum([loss_sum, metric_sum, float(bool(bad))])
+        if failures:
+            self.optimizer.clear_grad()
+            raise NonFiniteLossError(bad or f"non-finite meta-loss at iteration "
+                                     f"{self.iteration} (in another process)",
+                                     iteration=self.iteration)
+        self.group.sum_gradients(params)
         for p in params:
             if p.grad is not None and not bool(paddle.isfinite(p.grad).all()):
                 self.optimizer.clear_grad()
@@ -269,7 +285,7 @@ class MetaTrainer:
     # ------------------------------------------------------------------ validation
     def validate(self) -> EvalResult | None:
         """Evaluate on ``val_tasks`` with ``inner_steps_test`` steps (random states untouched)."""
-        if not self.val_tasks:
+        if not self.val_tasks or not self.group.is_main:
             return None
         task_type = self.objective.task_type if self.objective else None
         with forked_rng():
@@ -297,7 +313,7 @@ class MetaTrainer:
 
     def save(self, tags: Sequence[str] = ("last",)) -> str | None:
         """Write a checkpoint for the current iteration under ``tags``; returns its record."""
-        if self.checkpoints is None:
+        if self.checkpoints is None or not self.group.is_main:
             return None
         path = self.checkpoints.save(list(tags), self.model, self.optimizer, self.iteration,
                                      self.config, self._state())
@@ -376,6 +392,9 @@ class MetaTrainer:
                         val = self.validate()
                         tags += self._best_tags(val)
                     stop = self._stop_signal is not None
+                    if self.group.world > 1:  # stop together, or the others would hang
+                        stop = self.group.sum([float(stop)])[0] > 0
+                        self._stop_signal = self._stop_signal or (signal.SIGTERM if stop else None)
                     if stop or (self.checkpoint_every
                                 and self.iteration % self.checkpoint_every == 0):
                         tags.append("last")
@@ -420,7 +439,7 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------ helpers
     def _prepare_output(self, iterations: int) -> None:
-        if self.output_dir is None:
+        if self.output_dir is None or not self.group.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.config:
