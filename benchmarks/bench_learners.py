@@ -46,6 +46,9 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
 
     from paddlefsl.metaopt import ANIL, MAML
     from paddlefsl.models import Conv4
+    from paddlefsl.runtime import tune_allocator
+
+    tune_allocator()  # as the paddlefsl CLI does
 
     w = WORKLOADS[workload]
     paddle.seed(0)

@@ -77,3 +77,15 @@ def test_named_grad_reports_unused_and_checks_scalar():
         named_grad((a * a).sum(), {"a": a, "b": b}, allow_unused=False)
     with pytest.raises(ValueError, match="scalar"):
         named_grad(a * a, {"a": a})
+
+
+def test_tune_allocator_applies_on_linux_glibc():
+    import sys
+
+    from paddlefsl.runtime import tune_allocator
+
+    result = tune_allocator()
+    if sys.platform.startswith("linux"):
+        assert result is True
+    else:
+        assert result is False
