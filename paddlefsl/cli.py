@@ -184,6 +184,8 @@ def _train_worker(config: Any, progress: bool, resume: bool) -> None:
     import paddle.distributed as dist
 
     dist.init_parallel_env()
+    # A spawned process starts without the parent's warning filters.
+    warnings.filterwarnings("ignore", message="When training, we now always track")
     code = _run_training(config, progress, resume)
     if code:
         raise SystemExit(code)
