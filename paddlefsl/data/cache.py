@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .._fsync import fsync_path
+
 __all__ = [
     "CACHE_FORMAT",
     "ArrayCache",
@@ -156,20 +158,6 @@ def describe_sources(root: str | os.PathLike, paths: Iterable[str | os.PathLike]
     return out
 
 
-def _fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return  # some filesystems do not allow opening directories; best effort
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class ArrayCache:
     """One named cache (a header plus ``.npy`` arrays) inside ``directory``.
 
@@ -255,7 +243,7 @@ class ArrayCache:
                 shape, dtype = list(arr.shape), str(arr.dtype)
                 arr.flush()
                 del arr
-                _fsync_path(tmp)
+                fsync_path(tmp)
                 final = self._array_path(array)
                 os.replace(tmp, final)
                 st = final.stat()
@@ -275,7 +263,7 @@ class ArrayCache:
                 os.fsync(f.fileno())
             os.replace(header_tmp, self.header_path)
             header_tmp = None
-            _fsync_path(self.directory, directory=True)
+            fsync_path(self.directory, directory=True)
         finally:
             # Also runs on KeyboardInterrupt: leave no temporary files behind.
             for tmp, _ in temps.values():

@@ -26,6 +26,7 @@ from typing import Any
 
 import paddle
 
+from .._fsync import fsync_path
 from .errors import CheckpointError
 from .rng import capture_rng_state
 
@@ -46,19 +47,6 @@ _TMP_SUFFIX = ".tmp"
 def _write_all(handle: Any, data: bytes) -> None:
     # A separate function so tests can simulate a crash in the middle of a write.
     handle.write(data)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -83,7 +71,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent, directory=True)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
