@@ -10,8 +10,14 @@ Workloads (synthetic data of the real shapes, float32):
 
 Each (workload, algorithm) runs in its own process so that peak RSS is its own.
 
-    python benchmarks/bench_learners.py                      # all, table at the end
+    python benchmarks/bench_learners.py --iters 3        # all: ours (1 and 2 processes) and
+                                                         # learn2learn, table at the end
     python benchmarks/bench_learners.py --workload W1 --algo maml --iters 5   # one, JSON line
+
+learn2learn runs through the team's peer script (``shared/bench/peers/bench_torch.py``) in
+its own virtualenv (``--peer-python``, default ``~/venv-peers/bin/python``); without it the
+column is skipped. paddlefsl itself never imports torch. The peer script waits for an idle
+machine before each measurement (up to ``BENCH_MAX_WAIT_S`` seconds): stop other jobs first.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 WORKLOADS = {
     "W1": dict(channels=1, size=28, hidden=64, pooling="max", meta_batch=32, steps=1, lr=0.4),
@@ -116,6 +123,50 @@ def _spawned(workload: str, algo: str, iters: int, warmup: int, nproc: int) -> N
         print("RESULT " + json.dumps(result), flush=True)
 
 
+PEER_SETTINGS = {"W1": "omniglot", "W2": "mini"}  # the peer script has no W1s
+DEFAULT_PEER_SCRIPT = (
+    Path(__file__).resolve().parents[1].parent / "shared/bench/peers/bench_torch.py"
+)
+DEFAULT_PEER_PYTHON = Path.home() / "venv-peers/bin/python"
+
+
+def _result(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict | None:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+    line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
+    if not line:
+        print(f"failed: {' '.join(cmd)}\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[-1][len("RESULT ") :])
+
+
+def _peer(workload: str, algo: str, args: argparse.Namespace) -> dict | None:
+    """learn2learn on the same workload, through the team's peer script, if it is here."""
+    if workload not in PEER_SETTINGS or not (
+        args.peer_python.exists() and args.peer_script.exists()
+    ):
+        return None
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    cmd = [
+        str(args.peer_python),
+        str(args.peer_script),
+        "--impl",
+        "l2l",
+        "--setting",
+        PEER_SETTINGS[workload],
+        "--algo",
+        algo,
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+    ]
+    return _result(cmd, env=env, cwd=str(args.peer_script.parent))
+
+
+def _cell(row: dict | None) -> str:
+    return f"{row['median_s']:.2f} ({row['peak_rss_mib']:.0f})" if row else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=sorted(WORKLOADS))
@@ -126,10 +177,26 @@ def main() -> None:
         "--nproc",
         type=int,
         default=1,
-        help="processes (paddle.distributed, gloo on CPU) sharing each meta-batch",
+        help="processes (paddle.distributed, gloo on CPU) sharing each "
+        "meta-batch, for a single measurement",
+    )
+    parser.add_argument(
+        "--nproc-list", default="1,2", help="process counts to measure in the table mode"
+    )
+    parser.add_argument(
+        "--peer-python",
+        type=Path,
+        default=DEFAULT_PEER_PYTHON,
+        help="python of a virtualenv with torch + learn2learn (skipped if missing)",
+    )
+    parser.add_argument(
+        "--peer-script",
+        type=Path,
+        default=DEFAULT_PEER_SCRIPT,
+        help="the team's peer benchmark (shared/bench/peers/bench_torch.py)",
     )
     args = parser.parse_args()
-    if args.workload and args.algo:
+    if args.workload and args.algo:  # one measurement (the table mode runs these)
         if args.nproc > 1:
             import paddle.distributed as dist
 
@@ -139,38 +206,52 @@ def main() -> None:
                 nprocs=args.nproc,
             )
         else:
-            print(
-                "RESULT " + json.dumps(run_one(args.workload, args.algo, args.iters, args.warmup))
-            )
+            result = run_one(args.workload, args.algo, args.iters, args.warmup)
+            print("RESULT " + json.dumps(result))
         return
-    rows = []
+    nprocs = [int(n) for n in args.nproc_list.split(",")]
+    table = []
     for workload in [args.workload] if args.workload else list(WORKLOADS):
         for algo in [args.algo] if args.algo else ALGOS:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--workload",
-                workload,
-                "--algo",
-                algo,
-                "--iters",
-                str(args.iters),
-                "--warmup",
-                str(args.warmup),
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
-            if not line:
-                print(f"{workload} {algo} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            row = json.loads(line[0][7:])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print(f"\n{'workload':<9}{'algo':<8}{'median s/it':>12}{'tasks/s':>9}{'peak RSS MiB':>14}")
-    for r in rows:
+            ours = {}
+            for n in nprocs:  # alternate ours and theirs, since machine speed drifts
+                ours[n] = _result(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--workload",
+                        workload,
+                        "--algo",
+                        algo,
+                        "--iters",
+                        str(args.iters),
+                        "--warmup",
+                        str(args.warmup),
+                        "--nproc",
+                        str(n),
+                    ]
+                )
+                print(json.dumps(ours[n]), flush=True)
+            peer = _peer(workload, algo, args)
+            if peer:
+                print(json.dumps(peer), flush=True)
+            table.append((workload, algo, ours, peer))
+    head = "".join(f"{f'ours {n} proc':>18}" for n in nprocs)
+    print(
+        f"\nseconds per meta-iteration (peak RSS MiB, summed over processes); "
+        f"ratio = learn2learn s / ours s\n{'workload':<9}{'algo':<8}{head}{'learn2learn':>18}"
+        + "".join(f"{f'ratio {n}p':>10}" for n in nprocs)
+    )
+    for workload, algo, ours, peer in table:
+        ratios = "".join(
+            f"{peer['median_s'] / ours[n]['median_s']:>10.2f}" if peer and ours[n] else f"{'-':>10}"
+            for n in nprocs
+        )
         print(
-            f"{r['workload']:<9}{r['algo']:<8}{r['median_s']:>12.3f}{r['tasks_per_s']:>9.2f}"
-            f"{r['peak_rss_mib']:>14.0f}"
+            f"{workload:<9}{algo:<8}"
+            + "".join(f"{_cell(ours[n]):>18}" for n in nprocs)
+            + f"{_cell(peer):>18}"
+            + ratios
         )
 
 
