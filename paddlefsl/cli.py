@@ -45,89 +45,173 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     from .train.presets import PRESETS
 
     s = argparse.SUPPRESS  # unset options stay absent, so the preset can fill them
-    p.add_argument("--preset", metavar="NAME", default=s,
-                   help=f"named paper configuration: {', '.join(PRESETS)}; options given "
-                        "explicitly override it")
-    p.add_argument("--algorithm", choices=ALGORITHMS, default=s,
-                   help="maml (second order), fomaml (first order) or anil (head-only "
-                        "inner loop); default maml")
+    p.add_argument(
+        "--preset",
+        metavar="NAME",
+        default=s,
+        help=f"named paper configuration: {', '.join(PRESETS)}; options given "
+        "explicitly override it",
+    )
+    p.add_argument(
+        "--algorithm",
+        choices=ALGORITHMS,
+        default=s,
+        help="maml (second order), fomaml (first order) or anil (head-only "
+        "inner loop); default maml",
+    )
     p.add_argument("--dataset", choices=DATASETS, default=s, help="default omniglot")
-    p.add_argument("--data-root", metavar="DIR", default=s,
-                   help=f"dataset folder (not needed for sinusoid); see {DOCS}#data")
-    p.add_argument("--output", metavar="DIR", default=s,
-                   help="run folder for config.json, metrics.jsonl and checkpoints/ "
-                        "(default runs/<preset or algorithm-dataset-NwKs>)")
+    p.add_argument(
+        "--data-root",
+        metavar="DIR",
+        default=s,
+        help=f"dataset folder (not needed for sinusoid); see {DOCS}#data",
+    )
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        default=s,
+        help="run folder for config.json, metrics.jsonl and checkpoints/ "
+        "(default runs/<preset or algorithm-dataset-NwKs>)",
+    )
     group = p.add_argument_group("task")
     group.add_argument("--ways", type=int, default=s, help="classes per task (N)")
     group.add_argument("--shots", type=int, default=s, help="support examples per class (K)")
-    group.add_argument("--queries", type=int, default=s,
-                       help="query examples per class (default 15 for miniImageNet, else K)")
+    group.add_argument(
+        "--queries",
+        type=int,
+        default=s,
+        help="query examples per class (default 15 for miniImageNet, else K)",
+    )
     group = p.add_argument_group("optimisation")
     group.add_argument("--meta-batch-size", type=int, default=s, help="tasks per meta-update")
-    group.add_argument("--inner-steps", type=int, default=s,
-                       help="inner-loop steps during meta-training")
-    group.add_argument("--inner-steps-test", type=int, default=s,
-                       help="inner-loop steps for validation and evaluation")
+    group.add_argument(
+        "--inner-steps", type=int, default=s, help="inner-loop steps during meta-training"
+    )
+    group.add_argument(
+        "--inner-steps-test",
+        type=int,
+        default=s,
+        help="inner-loop steps for validation and evaluation",
+    )
     group.add_argument("--inner-lr", type=float, default=s, help="inner-loop learning rate")
     group.add_argument("--meta-lr", type=float, default=s, help="Adam meta learning rate")
     group.add_argument("--iterations", type=int, default=s, help="meta-updates in the run")
     group.add_argument("--seed", type=int, default=s, help="initialisation and task seed")
     group = p.add_argument_group("model")
-    group.add_argument("--hidden", type=int, default=s,
-                       help="Conv4 channels / MLP width (64 Omniglot, 32 miniImageNet)")
-    group.add_argument("--pooling", choices=("max", "stride"), default=s,
-                       help="Conv4 max-pooling or strided convolutions")
+    group.add_argument(
+        "--hidden",
+        type=int,
+        default=s,
+        help="Conv4 channels / MLP width (64 Omniglot, 32 miniImageNet)",
+    )
+    group.add_argument(
+        "--pooling",
+        choices=("max", "stride"),
+        default=s,
+        help="Conv4 max-pooling or strided convolutions",
+    )
     group.add_argument("--image-size", type=int, default=s, help="image side in pixels")
-    group.add_argument("--omniglot-scheme", choices=("maml", "vinyals"), default=s,
-                       help="Omniglot class split (default maml)")
+    group.add_argument(
+        "--omniglot-scheme",
+        choices=("maml", "vinyals"),
+        default=s,
+        help="Omniglot class split (default maml)",
+    )
     group = p.add_argument_group("run")
-    group.add_argument("--eval-every", type=int, default=s,
-                       help="validate every N iterations (0: at the end only)")
-    group.add_argument("--checkpoint-every", type=int, default=s,
-                       help="save the last checkpoint every N iterations (0: at the end)")
-    group.add_argument("--log-every", type=int, default=s,
-                       help="write a training row to metrics.jsonl every N iterations")
-    group.add_argument("--val-tasks", type=int, default=s,
-                       help="fixed validation tasks (0: no validation, no best checkpoint)")
-    group.add_argument("--eval-tasks", type=int, default=s,
-                       help="test tasks for 'paddlefsl eval' (default 600)")
+    group.add_argument(
+        "--eval-every", type=int, default=s, help="validate every N iterations (0: at the end only)"
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=s,
+        help="save the last checkpoint every N iterations (0: at the end)",
+    )
+    group.add_argument(
+        "--log-every",
+        type=int,
+        default=s,
+        help="write a training row to metrics.jsonl every N iterations",
+    )
+    group.add_argument(
+        "--val-tasks",
+        type=int,
+        default=s,
+        help="fixed validation tasks (0: no validation, no best checkpoint)",
+    )
+    group.add_argument(
+        "--eval-tasks", type=int, default=s, help="test tasks for 'paddlefsl eval' (default 600)"
+    )
     group.add_argument("--num-workers", type=int, default=s, help="task-loading threads")
-    group.add_argument("--nproc", type=int, default=s,
-                       help="processes sharing each meta-batch via paddle.distributed (gloo on "
-                            "CPU): one per core uses the whole machine; default 1")
-    group.add_argument("--resume", action="store_true",
-                       help="continue the run in --output from its last checkpoint")
+    group.add_argument(
+        "--nproc",
+        type=int,
+        default=s,
+        help="processes sharing each meta-batch via paddle.distributed (gloo on "
+        "CPU): one per core uses the whole machine; default 1",
+    )
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its last checkpoint",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``paddlefsl`` command."""
-    parser = _Parser(prog="paddlefsl",
-                     description="Meta-learning with paddlefsl: train, evaluate, demo. "
-                                 f"Documentation: {DOCS}.")
+    parser = _Parser(
+        prog="paddlefsl",
+        description=f"Meta-learning with paddlefsl: train, evaluate, demo. Documentation: {DOCS}.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    train = sub.add_parser("train", help="meta-train MAML / FOMAML / ANIL",
-                           description="Meta-train a model; resumable, see " + DOCS)
+    train = sub.add_parser(
+        "train",
+        help="meta-train MAML / FOMAML / ANIL",
+        description="Meta-train a model; resumable, see " + DOCS,
+    )
     _add_train_options(train)
-    ev = sub.add_parser("eval", help="evaluate a checkpoint on 600 fixed test tasks",
-                        description="Mean accuracy (MSE for sinusoid) and 95% confidence "
-                                    "interval on a fixed, seeded set of tasks.")
-    ev.add_argument("--checkpoint", required=True, metavar="DIR_OR_FILE",
-                    help="run folder, its checkpoints/ folder, a record .json or a .pdparams")
-    ev.add_argument("--which", choices=("best", "last"), default="best",
-                    help="checkpoint of a folder to use (default best, else last)")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on 600 fixed test tasks",
+        description="Mean accuracy (MSE for sinusoid) and 95% confidence "
+        "interval on a fixed, seeded set of tasks.",
+    )
+    ev.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR_OR_FILE",
+        help="run folder, its checkpoints/ folder, a record .json or a .pdparams",
+    )
+    ev.add_argument(
+        "--which",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint of a folder to use (default best, else last)",
+    )
     ev.add_argument("--split", choices=_SPLITS, default="test", help="default test")
     ev.add_argument("--eval-tasks", type=int, default=None, help="number of tasks (600)")
-    ev.add_argument("--inner-steps-test", type=int, default=None,
-                    help="adaptation steps (default: the run's)")
-    ev.add_argument("--data-root", default=None, metavar="DIR",
-                    help="dataset folder, if it moved since training")
-    ev.add_argument("--output", default=None, metavar="DIR",
-                    help="where to write eval_<split>.json (default: the run folder)")
+    ev.add_argument(
+        "--inner-steps-test", type=int, default=None, help="adaptation steps (default: the run's)"
+    )
+    ev.add_argument(
+        "--data-root",
+        default=None,
+        metavar="DIR",
+        help="dataset folder, if it moved since training",
+    )
+    ev.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="where to write eval_<split>.json (default: the run folder)",
+    )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sub.add_parser("sinusoid", add_help=False,
-                   help="the MAML sinusoid regression demo (options: paddlefsl sinusoid "
-                        "--help)")
+    sub.add_parser(
+        "sinusoid",
+        add_help=False,
+        help="the MAML sinusoid regression demo (options: paddlefsl sinusoid --help)",
+    )
     return parser
 
 
@@ -196,8 +280,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config.nproc > 1:
         import paddle.distributed as dist
 
-        dist.spawn(_train_worker, args=(config, not args.no_progress, args.resume),
-                   nprocs=config.nproc)
+        dist.spawn(
+            _train_worker, args=(config, not args.no_progress, args.resume), nprocs=config.nproc
+        )
         return 0
     return _run_training(config, not args.no_progress, args.resume)
 
@@ -211,19 +296,28 @@ def _run_training(config: Any, progress: bool, resume: bool) -> int:
     if resume:
         start = trainer.resume()
         say(f"resuming {config.output} at iteration {start}", file=sys.stderr)
-    say(f"{config.algorithm} on {config.dataset}: {config.ways}-way {config.shots}-shot, "
-          f"{config.iterations} iterations -> {config.output}", file=sys.stderr)
+    say(
+        f"{config.algorithm} on {config.dataset}: {config.ways}-way {config.shots}-shot, "
+        f"{config.iterations} iterations -> {config.output}",
+        file=sys.stderr,
+    )
     result = trainer.fit(config.iterations)
     if result.status == "interrupted":
-        say(f"interrupted at iteration {result.iteration}; checkpoint saved. Continue with: "
-              f"paddlefsl train --resume --output {config.output}")
+        say(
+            f"interrupted at iteration {result.iteration}; checkpoint saved. Continue with: "
+            f"paddlefsl train --resume --output {config.output}"
+        )
         return 128 + int(result.signal or 2)
     best = ""
     if result.best_metric is not None and trainer.objective is not None:
-        best = (f"; best validation {trainer.objective.metric_name} "
-                f"{result.best_metric:.4f} at iteration {result.best_iteration}")
-    say(f"done: {result.iteration} iterations{best}. Evaluate with: paddlefsl eval "
-          f"--checkpoint {config.output}")
+        best = (
+            f"; best validation {trainer.objective.metric_name} "
+            f"{result.best_metric:.4f} at iteration {result.best_iteration}"
+        )
+    say(
+        f"done: {result.iteration} iterations{best}. Evaluate with: paddlefsl eval "
+        f"--checkpoint {config.output}"
+    )
     return 0
 
 
@@ -239,8 +333,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.checkpoint, which=args.which)
     if not ckpt.config:
-        raise ConfigError(f"{ckpt.path} has no saved configuration; it was not written by "
-                          "'paddlefsl train'")
+        raise ConfigError(
+            f"{ckpt.path} has no saved configuration; it was not written by 'paddlefsl train'"
+        )
     values = TrainConfig.from_dict(ckpt.config).to_dict()
     for name in ("eval_tasks", "inner_steps_test", "data_root"):
         if getattr(args, name) is not None:
@@ -249,10 +344,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     learner = build_learner(config)
     ckpt.load_model(learner.module)
     tasks = build_tasks(config, args.split, num_tasks=config.eval_tasks)
-    result = evaluate(learner, tasks, config.inner_steps_test, config.task_type,
-                      progress=not args.no_progress)
-    run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == CHECKPOINT_DIR \
-        else ckpt.path.parent
+    result = evaluate(
+        learner, tasks, config.inner_steps_test, config.task_type, progress=not args.no_progress
+    )
+    run_dir = (
+        ckpt.path.parent.parent if ckpt.path.parent.name == CHECKPOINT_DIR else ckpt.path.parent
+    )
     out_dir = Path(args.output) if args.output else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     preset = PRESETS.get(config.preset or "")
@@ -262,8 +359,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "checkpoint_tag": ckpt.record.get("tag"),
         "iteration": ckpt.iteration,
         "task_seed": eval_seed(args.split),
-        "config": {k: values[k] for k in ("algorithm", "dataset", "ways", "shots", "queries",
-                                          "inner_lr", "preset")},
+        "config": {
+            k: values[k]
+            for k in ("algorithm", "dataset", "ways", "shots", "queries", "inner_lr", "preset")
+        },
         "paper": preset.paper if preset else None,
         **result.to_dict(),
     }
@@ -272,10 +371,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     scale = 100.0 if result.metric == "accuracy" else 1.0
     unit = "%" if result.metric == "accuracy" else ""
     paper = f" (paper: {preset.paper}{unit})" if preset and preset.paper else ""
-    print(f"{args.split} {result.metric} {scale * result.mean:.2f}{unit} +- "
-          f"{scale * result.ci95:.2f}{unit} (95% CI, {result.num_tasks} tasks, "
-          f"{result.inner_steps} inner steps, iteration {ckpt.iteration}){paper}; "
-          f"written to {out_file}")
+    print(
+        f"{args.split} {result.metric} {scale * result.mean:.2f}{unit} +- "
+        f"{scale * result.ci95:.2f}{unit} (95% CI, {result.num_tasks} tasks, "
+        f"{result.inner_steps} inner steps, iteration {ckpt.iteration}){paper}; "
+        f"written to {out_file}"
+    )
     print(plot_learning_curve(run_dir, out_dir / "learning_curve.png"), file=sys.stderr)
     return 0
 
@@ -287,8 +388,10 @@ def _cmd_sinusoid(argv: list[str]) -> int:
     except ModuleNotFoundError as err:
         if err.name not in ("paddlefsl.demos", "paddlefsl.demos.sinusoid"):
             raise
-        _fail("paddlefsl sinusoid", "the sinusoid demo (paddlefsl.demos.sinusoid) is not "
-              "part of this installation")
+        _fail(
+            "paddlefsl sinusoid",
+            "the sinusoid demo (paddlefsl.demos.sinusoid) is not part of this installation",
+        )
     code = demo.main(argv)
     # The demo returns its results (a dict); only an int is an exit status.
     return code if isinstance(code, int) and not isinstance(code, bool) else 0

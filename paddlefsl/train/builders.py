@@ -28,10 +28,9 @@ __all__ = [
 DOCS_DATA = "docs/cli.md#data"
 _CHANNELS = {"omniglot": 1, "miniimagenet": 3}
 _EXPECTED = {
-    "omniglot": "images_background.zip and images_evaluation.zip (or their extracted "
-                "folders)",
+    "omniglot": "images_background.zip and images_evaluation.zip (or their extracted folders)",
     "miniimagenet": "images/*.jpg with train.csv/val.csv/test.csv, <split>/<wnid>/*.jpg "
-                    "folders, or mini-imagenet-cache-<split>.pkl",
+    "folders, or mini-imagenet-cache-<split>.pkl",
 }
 
 
@@ -57,8 +56,13 @@ def build_model(config: TrainConfig) -> paddle.nn.Layer:
     """
     if config.dataset == "sinusoid":
         return MLP(1, [config.hidden, config.hidden], 1)
-    return Conv4(_CHANNELS[config.dataset], config.ways, hidden=config.hidden,
-                 pooling=config.pooling, image_size=config.image_size)
+    return Conv4(
+        _CHANNELS[config.dataset],
+        config.ways,
+        hidden=config.hidden,
+        pooling=config.pooling,
+        image_size=config.image_size,
+    )
 
 
 def build_learner(config: TrainConfig, model: paddle.nn.Layer | None = None) -> BaseLearner:
@@ -101,8 +105,13 @@ def build_dataset(config: TrainConfig, split: str) -> Any:
     if config.dataset == "omniglot":
         from ..data import Omniglot
 
-        return Omniglot(root, split=split, scheme=config.omniglot_scheme,
-                        image_size=config.image_size, rotations=True)
+        return Omniglot(
+            root,
+            split=split,
+            scheme=config.omniglot_scheme,
+            image_size=config.image_size,
+            rotations=True,
+        )
     if config.dataset == "miniimagenet":
         from ..data import MiniImageNet
 
@@ -110,8 +119,9 @@ def build_dataset(config: TrainConfig, split: str) -> Any:
     raise ConfigError(f"{config.dataset} has no class dataset")
 
 
-def build_tasks(config: TrainConfig, split: str, num_tasks: int | None = None,
-                seed: int | None = None) -> Any:
+def build_tasks(
+    config: TrainConfig, split: str, num_tasks: int | None = None, seed: int | None = None
+) -> Any:
     """A task source for ``split``; with ``num_tasks``, a fixed seeded list of tasks.
 
     Training tasks are seeded with ``config.seed``; fixed evaluation tasks with
@@ -129,13 +139,15 @@ def build_tasks(config: TrainConfig, split: str, num_tasks: int | None = None,
     if config.dataset == "sinusoid":
         source: Any = SinusoidTasks(shots=config.shots, queries=config.queries, seed=seed)
     else:
-        source = TaskSampler(build_dataset(config, split), config.ways, config.shots,
-                             config.queries, seed=seed)
+        source = TaskSampler(
+            build_dataset(config, split), config.ways, config.shots, config.queries, seed=seed
+        )
     return source if num_tasks is None else FixedTasks(source, num_tasks)
 
 
-def build_trainer(config: TrainConfig, progress: bool = True,
-                  learner: BaseLearner | None = None) -> MetaTrainer:
+def build_trainer(
+    config: TrainConfig, progress: bool = True, learner: BaseLearner | None = None
+) -> MetaTrainer:
     """A :class:`MetaTrainer` for the whole configuration (data, model, optimizer).
 
     The model is initialised from ``paddle.seed(config.seed)``, so two runs with the same
@@ -145,10 +157,11 @@ def build_trainer(config: TrainConfig, progress: bool = True,
     learner = build_learner(config) if learner is None else learner
     optimizer = build_optimizer(config, learner)
     train_tasks = build_tasks(config, "train")
-    val_tasks = build_tasks(config, "val", num_tasks=config.val_tasks) if config.val_tasks \
-        else None
+    val_tasks = build_tasks(config, "val", num_tasks=config.val_tasks) if config.val_tasks else None
     return MetaTrainer(
-        learner, optimizer, train_tasks,
+        learner,
+        optimizer,
+        train_tasks,
         meta_batch_size=config.meta_batch_size,
         inner_steps=config.inner_steps,
         inner_steps_test=config.inner_steps_test,

@@ -128,7 +128,7 @@ def _rename_state(state: dict[str, Any], model: paddle.nn.Layer) -> dict[str, An
         if owner is None:
             out[key] = value
         else:
-            suffix = key[len(owner):]
+            suffix = key[len(owner) :]
             out[f"{_PARAM_PREFIX}{to_structured[owner]}::{suffix}"] = value
     return out
 
@@ -143,7 +143,7 @@ def _unrename_state(state: dict[str, Any], model: paddle.nn.Layer) -> dict[str, 
         if not key.startswith(_PARAM_PREFIX):
             out[key] = value
             continue
-        structured, suffix = key[len(_PARAM_PREFIX):].rsplit("::", 1)
+        structured, suffix = key[len(_PARAM_PREFIX) :].rsplit("::", 1)
         if structured not in to_unique:
             raise CheckpointError(
                 f"the optimizer state has an entry for parameter {structured!r}, which this "
@@ -191,8 +191,11 @@ class Checkpoint:
         own = model.state_dict()
         missing = sorted(set(own) - set(self.model_state))
         unexpected = sorted(set(self.model_state) - set(own))
-        wrong = sorted(k for k in set(own) & set(self.model_state)
-                       if list(own[k].shape) != list(self.model_state[k].shape))
+        wrong = sorted(
+            k
+            for k in set(own) & set(self.model_state)
+            if list(own[k].shape) != list(self.model_state[k].shape)
+        )
         if missing or unexpected or wrong:
             raise CheckpointError(
                 f"checkpoint {self.path} does not fit this model: missing {missing[:5]}, "
@@ -200,8 +203,7 @@ class Checkpoint:
             )
         model.set_state_dict(self.model_state)
 
-    def load_optimizer(self, optimizer: paddle.optimizer.Optimizer,
-                       model: paddle.nn.Layer) -> None:
+    def load_optimizer(self, optimizer: paddle.optimizer.Optimizer, model: paddle.nn.Layer) -> None:
         """Restore the optimizer state (accumulators, LR schedule) for ``model``'s params."""
         if self.optimizer_state is None:
             raise CheckpointError(f"checkpoint {self.path} has no optimizer state")

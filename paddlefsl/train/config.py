@@ -28,10 +28,21 @@ ALGORITHMS = ("maml", "fomaml", "anil")
 DATASETS = ("omniglot", "miniimagenet", "sinusoid")
 
 #: Fields that may change when a run is resumed: they never change the weights.
-RUNTIME_FIELDS = frozenset({
-    "iterations", "eval_every", "checkpoint_every", "log_every", "val_tasks", "eval_tasks",
-    "num_workers", "data_root", "output", "preset", "nproc",
-})
+RUNTIME_FIELDS = frozenset(
+    {
+        "iterations",
+        "eval_every",
+        "checkpoint_every",
+        "log_every",
+        "val_tasks",
+        "eval_tasks",
+        "num_workers",
+        "data_root",
+        "output",
+        "preset",
+        "nproc",
+    }
+)
 
 CONFIG_FILE = "config.json"
 
@@ -137,23 +148,41 @@ class TrainConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("pooling", self.pooling, ("max", "stride"))
         _choice("omniglot_scheme", self.omniglot_scheme, ("maml", "vinyals"))
-        for name in ("ways", "shots", "queries", "meta_batch_size", "inner_steps",
-                     "inner_steps_test", "iterations", "hidden", "image_size", "log_every",
-                     "eval_tasks", "nproc"):
+        for name in (
+            "ways",
+            "shots",
+            "queries",
+            "meta_batch_size",
+            "inner_steps",
+            "inner_steps_test",
+            "iterations",
+            "hidden",
+            "image_size",
+            "log_every",
+            "eval_tasks",
+            "nproc",
+        ):
             _integer(name, getattr(self, name), 1)
         for name in ("seed", "eval_every", "checkpoint_every", "val_tasks", "num_workers"):
             _integer(name, getattr(self, name), 0)
         for name in ("inner_lr", "meta_lr"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise ConfigError(f"{_flag(name)} must be a positive number (got {value!r})")
         if self.dataset == "sinusoid" and self.ways != 1:
-            raise ConfigError(f"--ways does not apply to --dataset sinusoid (got {self.ways}); "
-                              "drop it")
+            raise ConfigError(
+                f"--ways does not apply to --dataset sinusoid (got {self.ways}); drop it"
+            )
         if self.dataset != "sinusoid" and self.pooling == "max" and self.image_size < 16:
-            raise ConfigError(f"--image-size {self.image_size} is too small for Conv4 with "
-                              "max-pooling (four 2x2 pools need at least 16 pixels)")
+            raise ConfigError(
+                f"--image-size {self.image_size} is too small for Conv4 with "
+                "max-pooling (four 2x2 pools need at least 16 pixels)"
+            )
         return self
 
 
@@ -171,9 +200,7 @@ def _integer(name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{_flag(name)} must be an integer >= {minimum} (got {value!r})")
 
 
-def build_config(
-    preset: str | None = None, **options: Any
-) -> tuple[TrainConfig, set[str]]:
+def build_config(preset: str | None = None, **options: Any) -> tuple[TrainConfig, set[str]]:
     """Merge defaults, the dataset's defaults, a preset and explicit options (in that order).
 
     Args:
@@ -216,7 +243,9 @@ def build_config(
 
 
 def config_diff(
-    saved: dict[str, Any], given: dict[str, Any], only: set[str] | None = None,
+    saved: dict[str, Any],
+    given: dict[str, Any],
+    only: set[str] | None = None,
     ignore: frozenset[str] | set[str] = RUNTIME_FIELDS,
 ) -> dict[str, tuple[Any, Any]]:
     """Fields whose values differ: ``{name: (saved, given)}``.
@@ -255,15 +284,15 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"no {CONFIG_FILE} in {run_dir}: is it a paddlefsl run folder?") \
-            from None
+        raise ConfigError(f"no {CONFIG_FILE} in {run_dir}: is it a paddlefsl run folder?") from None
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read {path}: {err}") from err
     return TrainConfig.from_dict(data)
 
 
-def check_resume(saved: dict[str, Any], given: dict[str, Any],
-                 only: set[str] | None = None) -> None:
+def check_resume(
+    saved: dict[str, Any], given: dict[str, Any], only: set[str] | None = None
+) -> None:
     """Raise :class:`ConfigMismatchError` if a weight-changing field differs.
 
     Runtime fields (:data:`RUNTIME_FIELDS`) may differ; with ``only``, just those fields

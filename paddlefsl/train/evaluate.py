@@ -69,8 +69,10 @@ class EvalResult:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"{self.metric} {self.mean:.4f} +- {self.ci95:.4f} (95% CI over "
-                f"{self.num_tasks} tasks, {self.inner_steps} inner steps)")
+        return (
+            f"{self.metric} {self.mean:.4f} +- {self.ci95:.4f} (95% CI over "
+            f"{self.num_tasks} tasks, {self.inner_steps} inner steps)"
+        )
 
 
 def _as_tensors(task: Any) -> tuple[paddle.Tensor, ...]:
@@ -147,5 +149,13 @@ def evaluate(
     if objective is None:
         raise ValueError("no tasks to evaluate")
     mean, std, ci95 = confidence_interval(values)
-    return EvalResult(objective.metric_name, mean, ci95, std, len(values),
-                      float(np.mean(losses)), int(inner_steps), values)
+    return EvalResult(
+        objective.metric_name,
+        mean,
+        ci95,
+        std,
+        len(values),
+        float(np.mean(losses)),
+        int(inner_steps),
+        values,
+    )

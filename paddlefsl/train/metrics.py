@@ -111,11 +111,19 @@ def plot_learning_curve(metrics_path: str | os.PathLike, out_path: str | os.Path
     ax.legend()
     if metric:
         ax = axes[0][1]
-        ax.plot([r["iteration"] for r in train if metric in r],
-                [r[metric] for r in train if metric in r], label="train")
+        ax.plot(
+            [r["iteration"] for r in train if metric in r],
+            [r[metric] for r in train if metric in r],
+            label="train",
+        )
         if val:
-            ax.errorbar([r["iteration"] for r in val], [r[metric] for r in val],
-                        yerr=[r.get("ci95", 0.0) for r in val], fmt="o-", label="val")
+            ax.errorbar(
+                [r["iteration"] for r in val],
+                [r[metric] for r in val],
+                yerr=[r.get("ci95", 0.0) for r in val],
+                fmt="o-",
+                label="val",
+            )
         ax.set(xlabel="iteration", ylabel=metric, title=metric)
         ax.legend()
     fig.tight_layout()

@@ -12,8 +12,15 @@ import paddle.nn.functional as F
 
 from .errors import ConfigError
 
-__all__ = ["CLASSIFICATION", "REGRESSION", "Objective", "TaskType", "adapt", "get_objective",
-           "infer_task_type"]
+__all__ = [
+    "CLASSIFICATION",
+    "REGRESSION",
+    "Objective",
+    "TaskType",
+    "adapt",
+    "get_objective",
+    "infer_task_type",
+]
 
 TaskType = Literal["classification", "regression"]
 
@@ -92,8 +99,9 @@ def infer_task_type(targets: Any) -> TaskType:
     return "classification" if kind in "iub" else "regression"
 
 
-def adapt(learner: Any, objective: Objective, x: paddle.Tensor, y: paddle.Tensor,
-          steps: int) -> Any:
+def adapt(
+    learner: Any, objective: Objective, x: paddle.Tensor, y: paddle.Tensor, steps: int
+) -> Any:
     """Take ``steps`` inner-loop steps of a clone on ``(x, y)``; returns the clone.
 
     Example:

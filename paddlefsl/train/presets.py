@@ -69,18 +69,42 @@ class Preset:
 #: MAML-code]).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "omniglot": {
-        "ways": 5, "shots": 1, "meta_batch_size": 32, "inner_steps": 1,
-        "inner_steps_test": 3, "inner_lr": 0.4, "meta_lr": 1e-3, "iterations": 60000,
-        "hidden": 64, "pooling": "stride", "image_size": 28, "omniglot_scheme": "maml",
+        "ways": 5,
+        "shots": 1,
+        "meta_batch_size": 32,
+        "inner_steps": 1,
+        "inner_steps_test": 3,
+        "inner_lr": 0.4,
+        "meta_lr": 1e-3,
+        "iterations": 60000,
+        "hidden": 64,
+        "pooling": "stride",
+        "image_size": 28,
+        "omniglot_scheme": "maml",
     },
     "miniimagenet": {
-        "ways": 5, "shots": 1, "queries": 15, "meta_batch_size": 4, "inner_steps": 5,
-        "inner_steps_test": 10, "inner_lr": 0.01, "meta_lr": 1e-3, "iterations": 60000,
-        "hidden": 32, "pooling": "max", "image_size": 84,
+        "ways": 5,
+        "shots": 1,
+        "queries": 15,
+        "meta_batch_size": 4,
+        "inner_steps": 5,
+        "inner_steps_test": 10,
+        "inner_lr": 0.01,
+        "meta_lr": 1e-3,
+        "iterations": 60000,
+        "hidden": 32,
+        "pooling": "max",
+        "image_size": 84,
     },
     "sinusoid": {
-        "ways": 1, "shots": 10, "meta_batch_size": 25, "inner_steps": 1,
-        "inner_steps_test": 10, "inner_lr": 0.01, "meta_lr": 1e-3, "iterations": 70000,
+        "ways": 1,
+        "shots": 10,
+        "meta_batch_size": 25,
+        "inner_steps": 1,
+        "inner_steps_test": 10,
+        "inner_lr": 0.01,
+        "meta_lr": 1e-3,
+        "iterations": 70000,
         "hidden": 40,
     },
 }
@@ -89,14 +113,31 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 # class as in cbfinn/maml (``DataGenerator(update_batch_size*2, ...)``), also after
 # ``--shots`` overrides the preset.
 _OMNIGLOT = {
-    "dataset": "omniglot", "omniglot_scheme": "maml", "ways": 5, "meta_batch_size": 32,
-    "inner_steps": 1, "inner_steps_test": 3, "inner_lr": 0.4, "meta_lr": 1e-3,
-    "iterations": 60000, "hidden": 64, "pooling": "stride", "image_size": 28,
+    "dataset": "omniglot",
+    "omniglot_scheme": "maml",
+    "ways": 5,
+    "meta_batch_size": 32,
+    "inner_steps": 1,
+    "inner_steps_test": 3,
+    "inner_lr": 0.4,
+    "meta_lr": 1e-3,
+    "iterations": 60000,
+    "hidden": 64,
+    "pooling": "stride",
+    "image_size": 28,
 }
 _MINI = {
-    "dataset": "miniimagenet", "ways": 5, "queries": 15, "inner_steps": 5,
-    "inner_steps_test": 10, "inner_lr": 0.01, "meta_lr": 1e-3, "iterations": 60000,
-    "hidden": 32, "pooling": "max", "image_size": 84,
+    "dataset": "miniimagenet",
+    "ways": 5,
+    "queries": 15,
+    "inner_steps": 5,
+    "inner_steps_test": 10,
+    "inner_lr": 0.01,
+    "meta_lr": 1e-3,
+    "iterations": 60000,
+    "hidden": 32,
+    "pooling": "max",
+    "image_size": 84,
 }
 _MAML_SOURCES = ("MAML-A1", "MAML-T1", "MAML-code")
 _ANIL_SOURCES = ("ANIL", "MAML-A1", "MAML-code")
@@ -104,29 +145,45 @@ _BATCH_NOTE = "meta-batch 2 per MAML App. A.1; cbfinn/maml's usage line uses 4"
 
 PRESETS: dict[str, Preset] = {
     "maml-omniglot-5w1s": Preset(
-        {**_OMNIGLOT, "algorithm": "maml", "shots": 1},
-        "98.7 +- 0.4", _MAML_SOURCES),
+        {**_OMNIGLOT, "algorithm": "maml", "shots": 1}, "98.7 +- 0.4", _MAML_SOURCES
+    ),
     "maml-omniglot-5w5s": Preset(
-        {**_OMNIGLOT, "algorithm": "maml", "shots": 5},
-        "99.9 +- 0.1", _MAML_SOURCES),
+        {**_OMNIGLOT, "algorithm": "maml", "shots": 5}, "99.9 +- 0.1", _MAML_SOURCES
+    ),
     "maml-miniimagenet-5w1s": Preset(
         {**_MINI, "algorithm": "maml", "shots": 1, "meta_batch_size": 4},
-        "48.70 +- 1.84", _MAML_SOURCES),
+        "48.70 +- 1.84",
+        _MAML_SOURCES,
+    ),
     "maml-miniimagenet-5w5s": Preset(
         {**_MINI, "algorithm": "maml", "shots": 5, "meta_batch_size": 2},
-        "63.11 +- 0.92", _MAML_SOURCES, _BATCH_NOTE),
+        "63.11 +- 0.92",
+        _MAML_SOURCES,
+        _BATCH_NOTE,
+    ),
     "anil-omniglot-5w1s": Preset(
         {**_OMNIGLOT, "algorithm": "anil", "shots": 1},
-        None, _ANIL_SOURCES, "ANIL reports 20-way Omniglot only (96.2 +- 0.5)"),
+        None,
+        _ANIL_SOURCES,
+        "ANIL reports 20-way Omniglot only (96.2 +- 0.5)",
+    ),
     "anil-omniglot-5w5s": Preset(
         {**_OMNIGLOT, "algorithm": "anil", "shots": 5},
-        None, _ANIL_SOURCES, "ANIL reports 20-way Omniglot only (98.0 +- 0.3)"),
+        None,
+        _ANIL_SOURCES,
+        "ANIL reports 20-way Omniglot only (98.0 +- 0.3)",
+    ),
     "anil-miniimagenet-5w1s": Preset(
         {**_MINI, "algorithm": "anil", "shots": 1, "meta_batch_size": 4},
-        "46.7 +- 0.4", _ANIL_SOURCES),
+        "46.7 +- 0.4",
+        _ANIL_SOURCES,
+    ),
     "anil-miniimagenet-5w5s": Preset(
         {**_MINI, "algorithm": "anil", "shots": 5, "meta_batch_size": 2},
-        "61.5 +- 0.5", _ANIL_SOURCES, _BATCH_NOTE),
+        "61.5 +- 0.5",
+        _ANIL_SOURCES,
+        _BATCH_NOTE,
+    ),
 }
 
 
@@ -144,6 +201,4 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(
-            f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}"
-        ) from None
+        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

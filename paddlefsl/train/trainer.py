@@ -216,8 +216,8 @@ class MetaTrainer:
             diff = config_diff(ckpt.config, self.config, ignore=RUNTIME_FIELDS)
             if diff:
                 raise ConfigMismatchError(
-                    diff, "start a new run with another output folder, or use the saved "
-                    "configuration"
+                    diff,
+                    "start a new run with another output folder, or use the saved configuration",
                 )
         ckpt.load_model(self.model)
         ckpt.load_optimizer(self.optimizer, self.model)
@@ -258,8 +258,7 @@ class MetaTrainer:
             value = float(loss)
             if not math.isfinite(value):
                 index = int(batch.indices[b]) if hasattr(batch, "indices") else b
-                bad = (f"non-finite meta-loss ({value}) at iteration {self.iteration} "
-                       f"(task {index})")
+                bad = f"non-finite meta-loss ({value}) at iteration {self.iteration} (task {index})"
                 break
             (loss / size).backward()
             loss_sum += value
@@ -270,16 +269,18 @@ class MetaTrainer:
         loss_sum, metric_sum, failures = self.group.sum([loss_sum, metric_sum, float(bool(bad))])
         if failures:
             self.optimizer.clear_grad()
-            raise NonFiniteLossError(bad or f"non-finite meta-loss at iteration "
-                                     f"{self.iteration} (in another process)",
-                                     iteration=self.iteration)
+            raise NonFiniteLossError(
+                bad or f"non-finite meta-loss at iteration {self.iteration} (in another process)",
+                iteration=self.iteration,
+            )
         self.group.sum_gradients(params)
         for p in params:
             if p.grad is not None and not bool(paddle.isfinite(p.grad).all()):
                 self.optimizer.clear_grad()
                 raise NonFiniteLossError(
                     f"non-finite meta-gradient for {p.name} at iteration {self.iteration}",
-                    iteration=self.iteration)
+                    iteration=self.iteration,
+                )
         return loss_sum / size, metric_sum / size
 
     # ------------------------------------------------------------------ validation
@@ -291,14 +292,21 @@ class MetaTrainer:
         with forked_rng():
             result = evaluate(self.learner, self.val_tasks, self.inner_steps_test, task_type)
         self.objective = get_objective(
-            "classification" if result.metric == "accuracy" else "regression")
+            "classification" if result.metric == "accuracy" else "regression"
+        )
         self._validated_at = self.iteration
         if self.metrics is not None:
-            self.metrics.write({
-                "iteration": self.iteration, "split": "val", "loss": result.loss,
-                result.metric: result.mean, "ci95": result.ci95, "tasks": result.num_tasks,
-                "inner_steps": result.inner_steps,
-            })
+            self.metrics.write(
+                {
+                    "iteration": self.iteration,
+                    "split": "val",
+                    "loss": result.loss,
+                    result.metric: result.mean,
+                    "ci95": result.ci95,
+                    "tasks": result.num_tasks,
+                    "inner_steps": result.inner_steps,
+                }
+            )
         return result
 
     # ------------------------------------------------------------------ checkpoints
@@ -315,14 +323,16 @@ class MetaTrainer:
         """Write a checkpoint for the current iteration under ``tags``; returns its record."""
         if self.checkpoints is None or not self.group.is_main:
             return None
-        path = self.checkpoints.save(list(tags), self.model, self.optimizer, self.iteration,
-                                     self.config, self._state())
+        path = self.checkpoints.save(
+            list(tags), self.model, self.optimizer, self.iteration, self.config, self._state()
+        )
         if "last" in tags:
             self._last_saved = self.iteration
             self._last_checkpoint = str(path)
         if self.metrics is not None:
-            self.metrics.write({"iteration": self.iteration, "event": "checkpoint",
-                                "tags": list(tags)})
+            self.metrics.write(
+                {"iteration": self.iteration, "event": "checkpoint", "tags": list(tags)}
+            )
         return str(path)
 
     # ------------------------------------------------------------------ signals
@@ -338,8 +348,11 @@ class MetaTrainer:
                 signal.signal(signum, previous.get(signum, signal.SIG_DFL))
                 raise KeyboardInterrupt
             self._stop_signal = signum
-            print(f"\n{signal.Signals(signum).name}: finishing iteration {self.iteration + 1}"
-                  " and saving a checkpoint (send it again to stop at once)", file=sys.stderr)
+            print(
+                f"\n{signal.Signals(signum).name}: finishing iteration {self.iteration + 1}"
+                " and saving a checkpoint (send it again to stop at once)",
+                file=sys.stderr,
+            )
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
@@ -369,9 +382,13 @@ class MetaTrainer:
         window = _Window()
         bar = self._progress_bar(iterations)
         started = time.perf_counter() - self._elapsed
-        loader = MetaBatchLoader(self.train_tasks, self.meta_batch_size,
-                                 num_batches=max(iterations - self.iteration, 0),
-                                 start=self.iteration, num_workers=self.num_workers)
+        loader = MetaBatchLoader(
+            self.train_tasks,
+            self.meta_batch_size,
+            num_batches=max(iterations - self.iteration, 0),
+            start=self.iteration,
+            num_workers=self.num_workers,
+        )
         batches = iter(loader)
         try:
             with self._signals():
@@ -395,8 +412,9 @@ class MetaTrainer:
                     if self.group.world > 1:  # stop together, or the others would hang
                         stop = self.group.sum([float(stop)])[0] > 0
                         self._stop_signal = self._stop_signal or (signal.SIGTERM if stop else None)
-                    if stop or (self.checkpoint_every
-                                and self.iteration % self.checkpoint_every == 0):
+                    if stop or (
+                        self.checkpoint_every and self.iteration % self.checkpoint_every == 0
+                    ):
                         tags.append("last")
                     if tags:
                         self.save(tags)
@@ -405,14 +423,20 @@ class MetaTrainer:
                         break
         except NonFiniteLossError as err:
             if self.metrics is not None:
-                self.metrics.write({"iteration": self.iteration, "event": "non_finite",
-                                    "message": str(err)})
-            kept = (f"the last good checkpoint (iteration {self._last_saved}) is kept at "
-                    f"{self._last_checkpoint}" if self._last_checkpoint
-                    else "no checkpoint had been written yet")
+                self.metrics.write(
+                    {"iteration": self.iteration, "event": "non_finite", "message": str(err)}
+                )
+            kept = (
+                f"the last good checkpoint (iteration {self._last_saved}) is kept at "
+                f"{self._last_checkpoint}"
+                if self._last_checkpoint
+                else "no checkpoint had been written yet"
+            )
             raise NonFiniteLossError(
                 f"{err}; training stopped, {kept}. Lower --meta-lr or --inner-lr, or check "
-                "the data", iteration=err.iteration, checkpoint=self._last_checkpoint,
+                "the data",
+                iteration=err.iteration,
+                checkpoint=self._last_checkpoint,
             ) from None
         finally:
             batches.close()
@@ -445,8 +469,9 @@ class MetaTrainer:
         if self.config:
             atomic_write_json(self.output_dir / CONFIG_FILE, self.config)
         if self.metrics is not None:
-            self.metrics.write({"iteration": self.iteration, "event": "start",
-                                "target": int(iterations)})
+            self.metrics.write(
+                {"iteration": self.iteration, "event": "start", "target": int(iterations)}
+            )
 
     def _best_tags(self, val: EvalResult | None) -> list[str]:
         if val is None or self.objective is None:
@@ -460,8 +485,14 @@ class MetaTrainer:
         loss, metric, rate = window.means()
         window.reset()
         name = self.objective.metric_name if self.objective else "metric"
-        row = {"iteration": self.iteration, "split": "train", "loss": loss, name: metric,
-               "iters_per_sec": rate, "elapsed": round(self._elapsed, 3)}
+        row = {
+            "iteration": self.iteration,
+            "split": "train",
+            "loss": loss,
+            name: metric,
+            "iters_per_sec": rate,
+            "elapsed": round(self._elapsed, 3),
+        }
         if self.metrics is not None:
             self.metrics.write(row)
         return row
@@ -471,8 +502,13 @@ class MetaTrainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=iterations, initial=self.iteration, unit="it", dynamic_ncols=True,
-                    desc="meta-train")
+        return tqdm(
+            total=iterations,
+            initial=self.iteration,
+            unit="it",
+            dynamic_ncols=True,
+            desc="meta-train",
+        )
 
     def _update_bar(self, bar: Any, loss: float, metric: float) -> None:
         if bar is None:

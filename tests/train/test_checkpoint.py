@@ -19,8 +19,9 @@ from paddlefsl.train import checkpoint as ckpt_module
 
 def _net_and_opt(seed=0):
     paddle.seed(seed)
-    net = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.BatchNorm1D(4),
-                               paddle.nn.Linear(4, 2))
+    net = paddle.nn.Sequential(
+        paddle.nn.Linear(3, 4), paddle.nn.BatchNorm1D(4), paddle.nn.Linear(4, 2)
+    )
     opt = paddle.optimizer.Adam(1e-2, parameters=net.parameters())
     net(paddle.randn([5, 3])).sum().backward()
     opt.step()

@@ -6,9 +6,24 @@ import pytest
 
 from paddlefsl.cli import main
 
-SINUSOID = ["train", "--dataset", "sinusoid", "--iterations", "4", "--meta-batch-size", "2",
-            "--eval-every", "2", "--checkpoint-every", "2", "--val-tasks", "2", "--hidden", "8",
-            "--no-progress"]
+SINUSOID = [
+    "train",
+    "--dataset",
+    "sinusoid",
+    "--iterations",
+    "4",
+    "--meta-batch-size",
+    "2",
+    "--eval-every",
+    "2",
+    "--checkpoint-every",
+    "2",
+    "--val-tasks",
+    "2",
+    "--hidden",
+    "8",
+    "--no-progress",
+]
 
 
 def _error(capsys, argv, code=2):
@@ -22,16 +37,19 @@ def _error(capsys, argv, code=2):
     return lines[0]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["train", "--ways", "0"], "--ways must be an integer >= 1 (got 0)"),
-    (["train", "--ways", "five"], "--ways: invalid int value"),
-    (["train", "--preset", "maml-cifar-5w1s"], "unknown preset 'maml-cifar-5w1s'"),
-    (["train", "--algorithm", "reptile"], "invalid choice: 'reptile'"),
-    (["train", "--inner-lr", "-0.1", "--dataset", "sinusoid"], "--inner-lr must be positive"),
-    (["train", "--dataset", "omniglot"], "--data-root is required"),
-    (["eval"], "--checkpoint"),
-    ([], "choose a command"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--ways", "0"], "--ways must be an integer >= 1 (got 0)"),
+        (["train", "--ways", "five"], "--ways: invalid int value"),
+        (["train", "--preset", "maml-cifar-5w1s"], "unknown preset 'maml-cifar-5w1s'"),
+        (["train", "--algorithm", "reptile"], "invalid choice: 'reptile'"),
+        (["train", "--inner-lr", "-0.1", "--dataset", "sinusoid"], "--inner-lr must be positive"),
+        (["train", "--dataset", "omniglot"], "--data-root is required"),
+        (["eval"], "--checkpoint"),
+        ([], "choose a command"),
+    ],
+)
 def test_bad_options_exit_2_with_one_line(capsys, tmp_path, argv, expected):
     argv = argv + (["--output", str(tmp_path / "run")] if argv[:1] == ["train"] else [])
     line = _error(capsys, argv)
@@ -41,13 +59,33 @@ def test_bad_options_exit_2_with_one_line(capsys, tmp_path, argv, expected):
 
 def test_missing_data_says_what_is_expected(capsys, tmp_path):
     missing = tmp_path / "nowhere"
-    line = _error(capsys, ["train", "--dataset", "omniglot", "--data-root", str(missing),
-                           "--output", str(tmp_path / "run")])
+    line = _error(
+        capsys,
+        [
+            "train",
+            "--dataset",
+            "omniglot",
+            "--data-root",
+            str(missing),
+            "--output",
+            str(tmp_path / "run"),
+        ],
+    )
     assert "images_background.zip" in line and "docs/cli.md#data" in line
     empty = tmp_path / "empty"
     empty.mkdir()
-    line = _error(capsys, ["train", "--preset", "maml-miniimagenet-5w1s", "--data-root",
-                           str(empty), "--output", str(tmp_path / "run2")])
+    line = _error(
+        capsys,
+        [
+            "train",
+            "--preset",
+            "maml-miniimagenet-5w1s",
+            "--data-root",
+            str(empty),
+            "--output",
+            str(tmp_path / "run2"),
+        ],
+    )
     assert "not found" in line and "docs/cli.md#data" in line
 
 
@@ -62,18 +100,20 @@ def test_train_resume_eval_end_to_end(capsys, tmp_path):
     assert "--resume" in line
 
     # Resuming with a different weight-changing option names the fields.
-    line = _error(capsys, ["train", "--resume", "--output", out, "--inner-lr", "0.1",
-                           "--seed", "4"])
+    line = _error(
+        capsys, ["train", "--resume", "--output", out, "--inner-lr", "0.1", "--seed", "4"]
+    )
     assert "inner_lr (saved 0.01, given 0.1)" in line and "seed" in line
 
     # Extending the run needs only the folder and the new length.
-    assert main(["train", "--resume", "--output", out, "--iterations", "6",
-                 "--no-progress"]) == 0
+    assert main(["train", "--resume", "--output", out, "--iterations", "6", "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "resuming" in captured.err and "done: 6 iterations" in captured.out
 
-    assert main(["eval", "--checkpoint", out, "--which", "last", "--eval-tasks", "5",
-                 "--no-progress"]) == 0
+    assert (
+        main(["eval", "--checkpoint", out, "--which", "last", "--eval-tasks", "5", "--no-progress"])
+        == 0
+    )
     captured = capsys.readouterr()
     assert "test mse" in captured.out and "95% CI, 5 tasks" in captured.out
     report = json.loads((tmp_path / "run" / "eval_test.json").read_text())

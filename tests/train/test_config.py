@@ -20,9 +20,19 @@ EXPECTED = {
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_presets_match_the_papers(name):
     cfg, _ = build_config(name)
-    got = (cfg.algorithm, cfg.dataset, cfg.shots, cfg.queries, cfg.meta_batch_size,
-           cfg.inner_steps, cfg.inner_steps_test, cfg.inner_lr, cfg.hidden, cfg.pooling,
-           cfg.image_size)
+    got = (
+        cfg.algorithm,
+        cfg.dataset,
+        cfg.shots,
+        cfg.queries,
+        cfg.meta_batch_size,
+        cfg.inner_steps,
+        cfg.inner_steps_test,
+        cfg.inner_lr,
+        cfg.hidden,
+        cfg.pooling,
+        cfg.image_size,
+    )
     assert got == EXPECTED[name]
     assert (cfg.ways, cfg.meta_lr, cfg.iterations, cfg.preset) == (5, 1e-3, 60000, name)
     if cfg.dataset == "omniglot":
@@ -41,24 +51,32 @@ def test_explicit_options_override_the_preset():
 
 def test_dataset_defaults_without_preset():
     cfg, given = build_config(dataset="sinusoid")
-    assert (cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.inner_lr) == \
-        (1, 10, 10, 25, 0.01)
+    assert (cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.inner_lr) == (
+        1,
+        10,
+        10,
+        25,
+        0.01,
+    )
     assert cfg.task_type == "regression" and given == {"dataset"}
     assert build_config(dataset="miniimagenet")[0].queries == 15
 
 
-@pytest.mark.parametrize("options, flag", [
-    ({"ways": 0}, "--ways"),
-    ({"shots": -1}, "--shots"),
-    ({"meta_batch_size": 0}, "--meta-batch-size"),
-    ({"inner_lr": 0.0}, "--inner-lr"),
-    ({"meta_lr": float("nan")}, "--meta-lr"),
-    ({"algorithm": "reptile"}, "--algorithm"),
-    ({"dataset": "cifar"}, "--dataset"),
-    ({"dataset": "sinusoid", "ways": 5}, "--ways"),
-    ({"pooling": "max", "image_size": 8}, "--image-size"),
-    ({"bogus": 1}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "options, flag",
+    [
+        ({"ways": 0}, "--ways"),
+        ({"shots": -1}, "--shots"),
+        ({"meta_batch_size": 0}, "--meta-batch-size"),
+        ({"inner_lr": 0.0}, "--inner-lr"),
+        ({"meta_lr": float("nan")}, "--meta-lr"),
+        ({"algorithm": "reptile"}, "--algorithm"),
+        ({"dataset": "cifar"}, "--dataset"),
+        ({"dataset": "sinusoid", "ways": 5}, "--ways"),
+        ({"pooling": "max", "image_size": 8}, "--image-size"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
 def test_invalid_options_name_the_flag(options, flag):
     with pytest.raises(ConfigError, match=flag):
         build_config(**options)

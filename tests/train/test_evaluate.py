@@ -30,8 +30,7 @@ def test_evaluate_is_deterministic_and_leaves_model_untouched(splits, algorithm)
     _, val = splits
     paddle.seed(0)
     net = Conv4(1, 5, hidden=4, pooling="max", image_size=SIZE)
-    learner = ANIL(net.features, net.head, lr=0.4) if algorithm == "anil" \
-        else MAML(net, lr=0.4)
+    learner = ANIL(net.features, net.head, lr=0.4) if algorithm == "anil" else MAML(net, lr=0.4)
     learner.eval()
     before = _state(net)
     tasks = fixed_tasks(val, 5, 1, 2, num_tasks=6)

@@ -24,8 +24,11 @@ def test_torn_last_line_is_skipped(tmp_path):
 def test_truncate_after(tmp_path):
     log = _log(tmp_path)
     log.truncate_after(20)
-    assert [(r["iteration"], r["split"]) for r in read_metrics(log.path)] == \
-        [(10, "train"), (20, "train"), (20, "val")]
+    assert [(r["iteration"], r["split"]) for r in read_metrics(log.path)] == [
+        (10, "train"),
+        (20, "train"),
+        (20, "val"),
+    ]
 
 
 def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):

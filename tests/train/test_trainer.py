@@ -27,8 +27,7 @@ def test_short_run_learns_easy_classes(splits):
     opt = paddle.optimizer.Adam(3e-3, parameters=maml.parameters())
     tasks = fixed_tasks(val, 5, 1, 3, num_tasks=20)
     before = evaluate(maml, tasks, inner_steps=1).mean
-    trainer = MetaTrainer(maml, opt, TaskSampler(train, 5, 1, 3), meta_batch_size=4,
-                          progress=False)
+    trainer = MetaTrainer(maml, opt, TaskSampler(train, 5, 1, 3), meta_batch_size=4, progress=False)
     result = trainer.fit(iterations=50)
     after = evaluate(maml, tasks, inner_steps=1).mean
     assert result.status == "completed" and result.iteration == 50
@@ -42,8 +41,9 @@ def test_longer_run_reaches_high_accuracy(splits):
     paddle.seed(0)
     maml = MAML(Conv4(1, 5, hidden=16, pooling="max", image_size=SIZE), lr=0.4)
     opt = paddle.optimizer.Adam(3e-3, parameters=maml.parameters())
-    MetaTrainer(maml, opt, TaskSampler(train, 5, 1, 3), meta_batch_size=4,
-                progress=False).fit(iterations=300)
+    MetaTrainer(maml, opt, TaskSampler(train, 5, 1, 3), meta_batch_size=4, progress=False).fit(
+        iterations=300
+    )
     assert evaluate(maml, fixed_tasks(val, 5, 1, 3, num_tasks=50), inner_steps=3).mean > 0.9
 
 
@@ -52,15 +52,18 @@ def test_anil_and_fomaml_train(splits):
     for first_order, anil in ((True, False), (False, True)):
         paddle.seed(0)
         net = Conv4(1, 3, hidden=4, pooling="max", image_size=SIZE)
-        learner = ANIL(net.features, net.head, lr=0.4) if anil \
+        learner = (
+            ANIL(net.features, net.head, lr=0.4)
+            if anil
             else MAML(net, lr=0.4, first_order=first_order)
+        )
         opt = paddle.optimizer.Adam(1e-2, parameters=learner.parameters())
         before = {n: p.numpy().copy() for n, p in net.named_parameters()}
-        result = MetaTrainer(learner, opt, TaskSampler(train, 3, 1, 2), meta_batch_size=2,
-                             progress=False).fit(3)
+        result = MetaTrainer(
+            learner, opt, TaskSampler(train, 3, 1, 2), meta_batch_size=2, progress=False
+        ).fit(3)
         assert result.status == "completed"
-        changed = [n for n, p in net.named_parameters() if not np.array_equal(p.numpy(),
-                                                                              before[n])]
+        changed = [n for n, p in net.named_parameters() if not np.array_equal(p.numpy(), before[n])]
         assert any(n.startswith("features") for n in changed)  # features get meta-gradients
 
 
@@ -88,10 +91,16 @@ def test_resume_is_exact(factory, tmp_path, kind):
         assert opt_a["LR_Scheduler"] == opt_b["LR_Scheduler"]
     rows = [(r["iteration"], r["split"]) for r in read_metrics(tmp_path / "split") if "split" in r]
     assert len(rows) == len(set(rows))  # the resumed run logged nothing twice
-    train_rows = [(r["iteration"], r["loss"]) for r in read_metrics(tmp_path / "split")
-                  if r.get("split") == "train"]
-    assert train_rows == [(r["iteration"], r["loss"]) for r in read_metrics(tmp_path / "full")
-                          if r.get("split") == "train"]
+    train_rows = [
+        (r["iteration"], r["loss"])
+        for r in read_metrics(tmp_path / "split")
+        if r.get("split") == "train"
+    ]
+    assert train_rows == [
+        (r["iteration"], r["loss"])
+        for r in read_metrics(tmp_path / "full")
+        if r.get("split") == "train"
+    ]
 
 
 def test_resume_with_different_config_is_refused(factory, tmp_path):

@@ -26,32 +26,60 @@ class Factory:
     def __init__(self, splits):
         self.train, self.val = splits
 
-    def classification(self, output_dir=None, init_seed=0, hidden=4, ways=5, meta_batch_size=2,
-                       val_tasks=4, lr_schedule=False, first_order=False, **kwargs):
+    def classification(
+        self,
+        output_dir=None,
+        init_seed=0,
+        hidden=4,
+        ways=5,
+        meta_batch_size=2,
+        val_tasks=4,
+        lr_schedule=False,
+        first_order=False,
+        **kwargs,
+    ):
         paddle.seed(init_seed)
-        maml = MAML(Conv4(1, ways, hidden=hidden, pooling="max", image_size=SIZE), lr=0.4,
-                    first_order=first_order)
-        lr = paddle.optimizer.lr.StepDecay(3e-3, step_size=2, gamma=0.5) if lr_schedule \
-            else 3e-3
+        maml = MAML(
+            Conv4(1, ways, hidden=hidden, pooling="max", image_size=SIZE),
+            lr=0.4,
+            first_order=first_order,
+        )
+        lr = paddle.optimizer.lr.StepDecay(3e-3, step_size=2, gamma=0.5) if lr_schedule else 3e-3
         opt = paddle.optimizer.Adam(learning_rate=lr, parameters=maml.parameters())
         val = fixed_tasks(self.val, ways, 1, 2, num_tasks=val_tasks) if val_tasks else None
         kwargs.setdefault("progress", False)
-        return MetaTrainer(maml, opt, TaskSampler(self.train, ways, 1, 2, seed=0),
-                           meta_batch_size=meta_batch_size, val_tasks=val,
-                           output_dir=output_dir, config={"model": "conv4", "ways": ways},
-                           **kwargs)
+        return MetaTrainer(
+            maml,
+            opt,
+            TaskSampler(self.train, ways, 1, 2, seed=0),
+            meta_batch_size=meta_batch_size,
+            val_tasks=val,
+            output_dir=output_dir,
+            config={"model": "conv4", "ways": ways},
+            **kwargs,
+        )
 
     def regression(self, output_dir=None, init_seed=0, dropout=0.0, **kwargs):
         paddle.seed(init_seed)
-        net = paddle.nn.Sequential(paddle.nn.Linear(1, 16), paddle.nn.ReLU(),
-                                   paddle.nn.Dropout(dropout), paddle.nn.Linear(16, 1))
+        net = paddle.nn.Sequential(
+            paddle.nn.Linear(1, 16),
+            paddle.nn.ReLU(),
+            paddle.nn.Dropout(dropout),
+            paddle.nn.Linear(16, 1),
+        )
         maml = MAML(net, lr=0.01, first_order=True)
         opt = paddle.optimizer.Adam(learning_rate=1e-2, parameters=maml.parameters())
         kwargs.setdefault("progress", False)
-        return MetaTrainer(maml, opt, SinusoidTasks(shots=5, queries=5, seed=0),
-                           meta_batch_size=3, output_dir=output_dir,
-                           val_tasks=[SinusoidTasks(5, 5, seed=9).sample(i) for i in range(3)],
-                           config={"model": "mlp"}, **kwargs)
+        return MetaTrainer(
+            maml,
+            opt,
+            SinusoidTasks(shots=5, queries=5, seed=0),
+            meta_batch_size=3,
+            output_dir=output_dir,
+            val_tasks=[SinusoidTasks(5, 5, seed=9).sample(i) for i in range(3)],
+            config={"model": "mlp"},
+            **kwargs,
+        )
 
 
 def params_of(trainer):
