@@ -265,26 +265,55 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 def _train_worker(config: Any, progress: bool, resume: bool) -> None:
     """One process of a ``--nproc`` run (started by ``paddle.distributed.spawn``)."""
+    import os
+
     import paddle.distributed as dist
 
+    # Own process group: a terminal's Ctrl-C reaches the parent only, which passes it on
+    # once (a second SIGINT would mean "stop without saving").
+    os.setpgrp()
     dist.init_parallel_env()
-    # A spawned process starts without the parent's warning filters.
-    warnings.filterwarnings("ignore", message="When training, we now always track")
-    code = _run_training(config, progress, resume)
-    if code:
+    code = _with_clear_errors("paddlefsl train", lambda: _run_training(config, progress, resume))
+    # Only rank 0 reports an interruption through its exit code: spawn() terminates the
+    # other processes as soon as one exits non-zero, and rank 0 may still be saving.
+    if code and (dist.get_rank() == 0 or code < 128):
         raise SystemExit(code)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     if config.nproc > 1:
-        import paddle.distributed as dist
-
-        dist.spawn(
-            _train_worker, args=(config, not args.no_progress, args.resume), nprocs=config.nproc
-        )
-        return 0
+        return _spawn_training(config, not args.no_progress, args.resume)
     return _run_training(config, not args.no_progress, args.resume)
+
+
+def _spawn_training(config: Any, progress: bool, resume: bool) -> int:
+    """Run ``config.nproc`` training processes; SIGINT / SIGTERM are passed on to them."""
+    import os
+    import signal
+
+    import paddle.distributed as dist
+
+    context = dist.spawn(
+        _train_worker, args=(config, progress, resume), nprocs=config.nproc, join=False
+    )
+
+    def forward(signum: int, frame: Any) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not context.join():
+            pass
+    except Exception:  # noqa: BLE001  (a worker exited non-zero and has said why)
+        codes = [p.exitcode for p in context.processes if p.exitcode]
+        return max(codes, default=1) if all(c > 0 for c in codes) else 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 def _run_training(config: Any, progress: bool, resume: bool) -> int:
@@ -418,6 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"paddlefsl {args.command}"
     handler = {"train": _cmd_train, "eval": _cmd_eval}[args.command]
 
+    return _with_clear_errors(prog, lambda: handler(args))
+
+
+def _with_clear_errors(prog: str, run: Any) -> int:
+    """Run ``run()``; known failures become one line on stderr and an exit code."""
     from .data import CorruptDataError, TaskConfigError
     from .train.errors import CheckpointError, ConfigError, NonFiniteLossError
 
@@ -426,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Paddle repeats this notice for every BatchNorm in train mode; it is expected
             # here (MAML normalises with batch statistics) and would only clutter the output.
             warnings.filterwarnings("ignore", message="When training, we now always track")
-            return handler(args)
+            return run()
     except ConfigError as err:
         _fail(prog, err)
     except (TaskConfigError, CorruptDataError) as err:

@@ -73,3 +73,46 @@ def test_nproc_must_be_positive(bad):
     with pytest.raises(SystemExit) as info:
         main(["train", "--dataset", "sinusoid", "--nproc", str(bad), "--output", "/tmp/x"])
     assert info.value.code == 2
+
+
+def test_sigint_to_the_parent_saves_and_stops_all_processes(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "paddlefsl.cli",
+        "train",
+        "--dataset",
+        "sinusoid",
+        "--iterations",
+        "1000000",
+        "--meta-batch-size",
+        "2",
+        "--val-tasks",
+        "0",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "1000000",
+        "--output",
+        str(out),
+        "--nproc",
+        "2",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline:  # wait until training is under way
+        if metrics.exists() and '"split": "train"' in metrics.read_text():
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "checkpoint saved" in stdout
+    record = json.loads((out / "checkpoints" / "last.json").read_text())
+    assert record["iteration"] > 0
