@@ -278,3 +278,26 @@ def test_model_built_before_import_is_exact():
     line = [s for s in out.stdout.splitlines() if s.startswith("RESULT")]
     assert line, out.stderr[-2000:]
     assert line[0].split()[1] == "True", line[0]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_dropout_with_masks_matches_finite_differences(steps):
+    """Dropout p > 0: the check re-seeds Paddle, so every evaluation draws the same masks."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+    x = paddle.randn([6, 6])
+    y = _labels(6)
+    report = check_second_order(
+        MAML(model, lr=0.3), nn.CrossEntropyLoss(), (x, y), (x, y), steps=steps, rtol=RTOL
+    )
+    _assert_exact(report)
+
+
+def test_transformer_with_dropout_matches_finite_differences():
+    model = Tokens()
+    model.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, activation="gelu")
+    x = paddle.randint(0, 12, [6, 5])
+    y = _labels(6)
+    report = check_second_order(
+        MAML(model, lr=0.5), nn.CrossEntropyLoss(), (x, y), (x, y), rtol=RTOL
+    )
+    _assert_exact(report)

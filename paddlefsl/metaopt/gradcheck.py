@@ -100,8 +100,10 @@ def check_second_order(
     """Compare the learner's meta-gradient with float64 finite differences on your data.
 
     Works on a float64 deep copy of ``learner``: the learner and its model are left as
-    they are. Make the model deterministic first (dropout off, e.g. ``p=0``), since finite
-    differences need the same function at every evaluation.
+    they are. Finite differences need the same function at every evaluation, so Paddle's
+    global generator is re-seeded with ``seed`` before each one: dropout then draws the same
+    masks every time (as long as the model draws its random numbers in a fixed order). The
+    global generator's state is restored afterwards.
 
     Args:
         learner: a second-order learner (``MAML``, ``ANIL``, ...) wrapping your model.
@@ -112,7 +114,7 @@ def check_second_order(
         steps: inner steps.
         eps: finite-difference step.
         rtol: tolerance on the relative error.
-        seed: seed of the random direction.
+        seed: seed of the random direction and of Paddle's generator during the check.
 
     Returns:
         A :class:`SecondOrderReport`; ``report.ok`` says whether the gradient is exact.
@@ -140,6 +142,7 @@ def check_second_order(
     origin = [p.numpy().copy() for p in params]
 
     def directional(first_order: bool) -> float:
+        paddle.seed(seed)
         loss = meta_loss(probe, loss_fn, support, query, steps, first_order=first_order)
         grads = paddle.grad([loss], params, allow_unused=True)
         return float(sum((g.numpy() * d).sum() for g, d in zip(grads, directions) if g is not None))
@@ -148,13 +151,18 @@ def check_second_order(
         for p, p0, d in zip(params, origin, directions):
             p.set_value(p0 + scale * d)
         try:
+            paddle.seed(seed)
             return float(meta_loss(probe, loss_fn, support, query, steps, first_order=True))
         finally:
             for p, p0 in zip(params, origin):
                 p.set_value(p0)
 
-    analytic = directional(first_order=False)
-    first = directional(first_order=True)
-    numeric = (value_at(eps) - value_at(-eps)) / (2 * eps)
+    rng_state = paddle.get_rng_state()
+    try:
+        analytic = directional(first_order=False)
+        first = directional(first_order=True)
+        numeric = (value_at(eps) - value_at(-eps)) / (2 * eps)
+    finally:
+        paddle.set_rng_state(rng_state)
     error = abs(analytic - numeric) / max(abs(numeric), 1e-12)
     return SecondOrderReport(error <= rtol, error, analytic, numeric, first, steps, rtol)
