@@ -40,6 +40,13 @@ CASES = {
         [(6, 4, 3, 3), (4,), (4,)],
     ),
     "max_pool2d": (lambda x: F.max_pool2d(x, 2), [(2, 3, 6, 6)]),
+    "group_norm": (
+        lambda x, w, b: F.group_norm(x, 2, weight=w, bias=b),
+        [(3, 4, 5, 5), (4,), (4,)],
+    ),
+    "logsumexp_axis": (lambda x: paddle.logsumexp(x, axis=1), [(6, 5)]),
+    "logsumexp_keepdim": (lambda x: paddle.logsumexp(x, axis=[0, 2], keepdim=True), [(3, 4, 5)]),
+    "logsumexp_all": (lambda x: paddle.logsumexp(x), [(6, 5)]),
     "max_pool2d_pad": (lambda x: F.max_pool2d(x, 3, 1, 1), [(2, 3, 5, 5)]),
     "max_pool2d_mask": (lambda x: F.max_pool2d(x, 2, return_mask=True)[0], [(2, 3, 6, 6)]),
     "embedding": (

@@ -16,14 +16,20 @@ def tracks_grad(*tensors: Tensor | None) -> bool:
     )
 
 
-def requires(*tensors: Tensor | None) -> tuple[bool, ...]:
-    """Per input, whether a PyLayer backward must return its gradient (else ``None``)."""
-    return tuple(isinstance(t, Tensor) and not t.stop_gradient for t in tensors)
+def requires(*tensors: Tensor | None) -> tuple[bool | None, ...]:
+    """Per input, whether a PyLayer backward must return its gradient.
+
+    ``None`` marks an input that is not a tensor at all: the backward returns nothing for it.
+    """
+    return tuple(None if not isinstance(t, Tensor) else not t.stop_gradient for t in tensors)
 
 
-def only_required(grads: Sequence[Tensor | None], required: Sequence[bool]) -> tuple:
-    """PyLayer backward must return ``None`` exactly for inputs that do not require grad."""
-    out = tuple(g if r else None for g, r in zip(grads, required))
+def only_required(grads: Sequence[Tensor | None], required: Sequence[bool | None]) -> tuple:
+    """What a PyLayer backward returns: one entry per tensor input.
+
+    The entry is ``None`` exactly for inputs that do not require grad (Paddle checks both).
+    """
+    out = tuple(g if r else None for g, r in zip(grads, required) if r is not None)
     return out if len(out) > 1 else out[0]
 
 

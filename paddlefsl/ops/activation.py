@@ -109,3 +109,46 @@ def _gelu(native_fn: Callable) -> Callable:
         return _Gelu.apply(x, bool(approximate))
 
     return gelu
+
+
+def _reduced_axes(x, args: tuple, kwargs: dict) -> list[int]:
+    """The axes a ``logsumexp(x, axis, keepdim, reduce_all)`` call reduces."""
+    axis = kwargs.get("axis", kwargs.get("dim", args[0] if args else None))
+    reduce_all = kwargs.get("reduce_all", args[2] if len(args) > 2 else False)
+    if reduce_all or axis is None or (isinstance(axis, list | tuple) and len(axis) == 0):
+        return list(range(x.ndim))
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    return sorted(a % x.ndim for a in axes)
+
+
+class _LogSumExp(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, x, args, kwargs):
+        out = native("logsumexp")(x, *args, **kwargs)
+        ctx.save_for_backward(x)
+        ctx.out = out.detach()
+        ctx.call = (args, kwargs)
+        ctx.axes = _reduced_axes(x, args, kwargs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,), out = ctx.saved_tensor(), ctx.out
+        keep = [1 if a in ctx.axes else d for a, d in enumerate(x.shape)]
+        if creating_graph():
+            # Recompute from x so that the recorded backward depends on it.
+            args, kwargs = ctx.call
+            out = native("logsumexp")(x, *args, **kwargs)
+        return dy.reshape(keep) * paddle.exp(x - out.reshape(keep))
+
+
+@register("logsumexp")
+def _logsumexp(native_fn: Callable) -> Callable:
+    def logsumexp(x, *args, **kwargs):
+        if kwargs.get("name") is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k != "name"}
+        if not tracks_grad(x) or len(args) > 3:
+            return native_fn(x, *args, **kwargs)
+        return _LogSumExp.apply(x, tuple(args), dict(kwargs))
+
+    return logsumexp

@@ -261,3 +261,49 @@ def _layer_norm(native_fn: Callable) -> Callable:
         return _LayerNorm.apply(x, weight, bias, epsilon, begin_norm_axis)
 
     return layer_norm
+
+
+class _GroupNorm(paddle.autograd.PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, bias, epsilon, groups):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.attrs = (epsilon, groups)
+        ctx.required = requires(x, weight, bias)
+        return native("group_norm")(x, weight, bias, epsilon, groups, "NCHW")
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensor()
+        epsilon, groups = ctx.attrs
+        n, c = x.shape[0], x.shape[1]
+        channel_shape = [1, c] + [1] * (x.ndim - 2)
+        g = dy if weight is None else dy * weight.reshape(channel_shape)
+        grouped = [n, groups, -1]
+        # Always the closed form: it is also right where Paddle's kernel is not (its input
+        # gradient without a weight is wrong on CPU in 3.3.1).
+        dx, _ = _normalized_grads(x.reshape(grouped), g.reshape(grouped), None, [2], epsilon)
+        sums = [0] + list(range(2, x.ndim))
+        dw = db = None
+        if weight is not None:
+            mean = x.reshape(grouped).mean(2, keepdim=True)
+            centered = x.reshape(grouped) - mean
+            inv_std = paddle.rsqrt((centered * centered).mean(2, keepdim=True) + epsilon)
+            x_hat = (centered * inv_std).reshape(x.shape)
+            dw = (dy * x_hat).sum(sums)
+        if bias is not None:
+            db = dy.sum(sums)
+        return only_required((dx.reshape(x.shape), dw, db), ctx.required)
+
+
+@register("group_norm")
+def _group_norm(native_fn: Callable) -> Callable:
+    def group_norm(x, weight, bias, epsilon, groups, data_format, *args, **kwargs):
+        if (
+            not plain_call(args, kwargs)
+            or data_format != "NCHW"
+            or not tracks_grad(x, weight, bias)
+        ):
+            return native_fn(x, weight, bias, epsilon, groups, data_format, *args, **kwargs)
+        return _GroupNorm.apply(x, weight, bias, epsilon, groups)
+
+    return group_norm
