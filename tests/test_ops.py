@@ -47,6 +47,12 @@ CASES = {
     "logsumexp_axis": (lambda x: paddle.logsumexp(x, axis=1), [(6, 5)]),
     "logsumexp_keepdim": (lambda x: paddle.logsumexp(x, axis=[0, 2], keepdim=True), [(3, 4, 5)]),
     "logsumexp_all": (lambda x: paddle.logsumexp(x), [(6, 5)]),
+    "max_axis": (lambda x: paddle.max(x, axis=1), [(6, 5)]),
+    "min_keepdim": (lambda x: paddle.min(x, axis=[0, 2], keepdim=True), [(3, 4, 5)]),
+    "amax_all": (lambda x: paddle.amax(x), [(6, 5)]),
+    "max_ties": (lambda x: paddle.max(F.relu(x - 3.0), axis=1), [(6, 5)]),
+    "amax_ties": (lambda x: paddle.amax(F.relu(x - 3.0), axis=1), [(6, 5)]),
+    "tensor_max_method": (lambda x: x.max(axis=-1), [(6, 5)]),
     "max_pool2d_pad": (lambda x: F.max_pool2d(x, 3, 1, 1), [(2, 3, 5, 5)]),
     "max_pool2d_mask": (lambda x: F.max_pool2d(x, 2, return_mask=True)[0], [(2, 3, 6, 6)]),
     "embedding": (

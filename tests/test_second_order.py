@@ -324,3 +324,23 @@ def test_logsumexp_matches_finite_differences():
         MAML(LogSumExpNet(), lr=0.5), nn.CrossEntropyLoss(), (x, y), (x, y), steps=2, rtol=RTOL
     )
     _assert_exact(report)
+
+
+@pytest.mark.parametrize("reduce", ["max", "min", "amax", "amin"])
+def test_max_min_reductions_match_finite_differences(reduce):
+    class Pooled(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 12)
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = paddle.tanh(self.a(x)).reshape([x.shape[0], 4, 3])
+            return self.b(getattr(paddle, reduce)(h, axis=-1))
+
+    x = paddle.randn([6, 4])
+    y = _labels(6)
+    report = check_second_order(
+        MAML(Pooled(), lr=0.5), nn.CrossEntropyLoss(), (x, y), (x, y), steps=2, rtol=RTOL
+    )
+    _assert_exact(report)

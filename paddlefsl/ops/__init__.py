@@ -21,7 +21,7 @@ Example:
 
 """
 
-from . import activation, bias, conv, layers, loss, norm, pool  # noqa: F401  (register the ops)
+from . import activation, bias, conv, layers, loss, norm, pool, reduce  # noqa: F401
 from ._registry import (
     in_second_order_scope,
     install,
