@@ -137,3 +137,25 @@ def test_layers_are_unchanged_objects():
     ops.install()
     after = {k: v for k, v in layer.__dict__.items() if callable(v)}
     assert before == after
+
+
+def test_static_graph_compilation_is_unaffected():
+    """paddle.jit.to_static calls the same _C_ops names with PIR values: they must pass through."""
+    from paddlefsl.models import Conv4
+
+    ops.install()
+    net = Conv4(1, 5, 4, "max", 28)
+    net.eval()
+
+    class Probabilities(nn.Layer):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return F.softmax(self.inner(x))
+
+    x = paddle.randn([4, 1, 28, 28])
+    eager = Probabilities(net)(x).numpy()
+    static = paddle.jit.to_static(Probabilities(net), full_graph=True)
+    np.testing.assert_allclose(static(x).numpy(), eager, rtol=1e-5, atol=1e-6)
