@@ -112,33 +112,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 # Omniglot presets leave ``queries`` unset: it resolves to ``shots``, K query examples per
 # class as in cbfinn/maml (``DataGenerator(update_batch_size*2, ...)``), also after
 # ``--shots`` overrides the preset.
-_OMNIGLOT = {
-    "dataset": "omniglot",
-    "omniglot_scheme": "maml",
-    "ways": 5,
-    "meta_batch_size": 32,
-    "inner_steps": 1,
-    "inner_steps_test": 3,
-    "inner_lr": 0.4,
-    "meta_lr": 1e-3,
-    "iterations": 60000,
-    "hidden": 64,
-    "pooling": "stride",
-    "image_size": 28,
-}
-_MINI = {
-    "dataset": "miniimagenet",
-    "ways": 5,
-    "queries": 15,
-    "inner_steps": 5,
-    "inner_steps_test": 10,
-    "inner_lr": 0.01,
-    "meta_lr": 1e-3,
-    "iterations": 60000,
-    "hidden": 32,
-    "pooling": "max",
-    "image_size": 84,
-}
+# Every preset sets ``shots`` (and miniImageNet's ``meta_batch_size``) itself, so the
+# dataset defaults above are the common base.
+_OMNIGLOT = {"dataset": "omniglot", **DATASET_DEFAULTS["omniglot"]}
+_MINI = {"dataset": "miniimagenet", **DATASET_DEFAULTS["miniimagenet"]}
 _MAML_SOURCES = ("MAML-A1", "MAML-T1", "MAML-code")
 _ANIL_SOURCES = ("ANIL", "MAML-A1", "MAML-code")
 _BATCH_NOTE = "meta-batch 2 per MAML App. A.1; cbfinn/maml's usage line uses 4"
