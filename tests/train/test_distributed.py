@@ -11,20 +11,19 @@ import pytest
 from paddlefsl.train.distributed import Group
 
 
-def _train(output, nproc):
-    cmd = [
+def _sinusoid_command(output, nproc, iterations, meta_batch, *extra):
+    """``paddlefsl train`` on sinusoid tasks, logging every iteration, no validation."""
+    return [
         sys.executable,
         "-m",
         "paddlefsl.cli",
         "train",
         "--dataset",
         "sinusoid",
-        "--algorithm",
-        "maml",
         "--iterations",
-        "4",
+        str(iterations),
         "--meta-batch-size",
-        "4",
+        str(meta_batch),
         "--val-tasks",
         "0",
         "--no-progress",
@@ -34,7 +33,12 @@ def _train(output, nproc):
         str(output),
         "--nproc",
         str(nproc),
+        *extra,
     ]
+
+
+def _train(output, nproc):
+    cmd = _sinusoid_command(output, nproc, 4, 4, "--algorithm", "maml")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -80,29 +84,7 @@ def test_sigint_to_the_parent_saves_and_stops_all_processes(tmp_path):
     import time
 
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "paddlefsl.cli",
-        "train",
-        "--dataset",
-        "sinusoid",
-        "--iterations",
-        "1000000",
-        "--meta-batch-size",
-        "2",
-        "--val-tasks",
-        "0",
-        "--no-progress",
-        "--log-every",
-        "1",
-        "--checkpoint-every",
-        "1000000",
-        "--output",
-        str(out),
-        "--nproc",
-        "2",
-    ]
+    cmd = _sinusoid_command(out, 2, 1000000, 2, "--checkpoint-every", "1000000")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     metrics = out / "metrics.jsonl"
