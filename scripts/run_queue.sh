@@ -6,11 +6,14 @@
 #   nohup scripts/run_queue.sh ~/runs /path/to/omniglot /path/to/miniimagenet >> ~/runs/queue.log 2>&1 &
 #
 # Uses one process per core (--nproc). Results: <runs>/<preset>/eval_test.json.
+# PADDLEFSL sets the command (default "paddlefsl"); to keep a long queue on fixed code while
+# the checkout changes, point it at a snapshot: PYTHONPATH=/snapshot PADDLEFSL="python -m paddlefsl".
 set -u
 RUNS=${1:-$HOME/runs}
 OMNIGLOT=${2:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/omniglot}
 MINI=${3:-$HOME/data/miniimagenet}
 NPROC=${NPROC:-$(nproc)}
+read -r -a PADDLEFSL <<< "${PADDLEFSL:-paddlefsl}"
 PRESETS=${PRESETS:-"maml-omniglot-5w1s anil-omniglot-5w1s maml-omniglot-5w5s anil-omniglot-5w5s
   anil-miniimagenet-5w1s maml-miniimagenet-5w1s anil-miniimagenet-5w5s maml-miniimagenet-5w5s"}
 mkdir -p "$RUNS"
@@ -24,8 +27,11 @@ for preset in $PRESETS; do
     resume=(--preset "$preset" --eval-every 1000 --val-tasks 200 --checkpoint-every 200)
   fi
   echo "$(date -Is) $preset: training (${resume[0]})"
-  paddlefsl train "${resume[@]}" --output "$out" --data-root "$root" --nproc "$NPROC" \
-    --no-progress || { echo "$(date -Is) $preset: train exited with $?"; exit 1; }
-  paddlefsl eval --checkpoint "$out" --data-root "$root" --no-progress \
-    || { echo "$(date -Is) $preset: eval exited with $?"; exit 1; }
+  "${PADDLEFSL[@]}" train "${resume[@]}" --output "$out" --data-root "$root" --nproc "$NPROC" \
+    --no-progress
+  rc=$?
+  [ $rc -eq 0 ] || { echo "$(date -Is) $preset: train exited with $rc"; exit $rc; }
+  "${PADDLEFSL[@]}" eval --checkpoint "$out" --data-root "$root" --no-progress
+  rc=$?
+  [ $rc -eq 0 ] || { echo "$(date -Is) $preset: eval exited with $rc"; exit $rc; }
 done
