@@ -1,37 +1,48 @@
 #!/usr/bin/env bash
-# Train the paper presets one after another, resuming whatever is unfinished, then evaluate
-# each finished run on 600 test tasks. Safe to kill at any moment and start again: every run
-# resumes from its last checkpoint (written atomically every 200 iterations).
+# Train the paper presets in stages, resuming whatever is unfinished, and evaluate the
+# best-on-validation checkpoint of every stage on 600 test tasks. Safe to kill at any moment
+# and start again: every run resumes from its last checkpoint (written atomically every 200
+# iterations), and a finished stage is skipped.
 #
 #   nohup scripts/run_queue.sh ~/runs /path/to/omniglot /path/to/miniimagenet >> ~/runs/queue.log 2>&1 &
 #
-# Uses one process per core (--nproc). Results: <runs>/<preset>/eval_test.json.
-# PADDLEFSL sets the command (default "paddlefsl"); to keep a long queue on fixed code while
-# the checkout changes, point it at a snapshot: PYTHONPATH=/snapshot PADDLEFSL="python -m paddlefsl".
+# PLAN lists "preset@iterations" stages in order: a short first stage gives every preset a
+# measured number early; a later stage of the same preset continues the same run.
+# Results: <runs>/<preset>/evals/<iterations>/eval_test.json.
+# NPROC sets processes per run (default: one per core). PADDLEFSL sets the command (default
+# "paddlefsl"); to keep a long queue on fixed code while the checkout changes, point it at a
+# snapshot: PYTHONPATH=/snapshot PADDLEFSL="python -m paddlefsl".
 set -u
 RUNS=${1:-$HOME/runs}
 OMNIGLOT=${2:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/omniglot}
 MINI=${3:-$HOME/data/miniimagenet}
 NPROC=${NPROC:-$(nproc)}
 read -r -a PADDLEFSL <<< "${PADDLEFSL:-paddlefsl}"
-PRESETS=${PRESETS:-"maml-omniglot-5w1s anil-omniglot-5w1s maml-omniglot-5w5s anil-omniglot-5w5s
-  anil-miniimagenet-5w1s maml-miniimagenet-5w1s anil-miniimagenet-5w5s maml-miniimagenet-5w5s"}
+PLAN=${PLAN:-"anil-omniglot-5w1s@20000 maml-omniglot-5w5s@10000 anil-omniglot-5w5s@10000
+  maml-omniglot-5w1s@60000 anil-omniglot-5w1s@60000 maml-omniglot-5w5s@60000
+  anil-omniglot-5w5s@60000 anil-miniimagenet-5w1s@60000 maml-miniimagenet-5w1s@60000
+  anil-miniimagenet-5w5s@60000 maml-miniimagenet-5w5s@60000"}
 mkdir -p "$RUNS"
-for preset in $PRESETS; do
+for stage in $PLAN; do
+  preset=${stage%@*}
+  iterations=${stage#*@}
   out="$RUNS/$preset"
+  evals="$out/evals/$iterations"
   case $preset in *omniglot*) root=$OMNIGLOT ;; *) root=$MINI ;; esac
-  [ -f "$out/eval_test.json" ] && { echo "$(date -Is) $preset: done"; continue; }
+  [ -f "$evals/eval_test.json" ] && { echo "$(date -Is) $stage: done"; continue; }
   if [ -f "$out/checkpoints/last.json" ]; then
-    resume=(--resume)
+    start=(--resume)
   else
-    resume=(--preset "$preset" --eval-every 1000 --val-tasks 200 --checkpoint-every 200)
+    start=(--preset "$preset" --eval-every 1000 --val-tasks 200 --checkpoint-every 200)
   fi
-  echo "$(date -Is) $preset: training (${resume[0]})"
-  "${PADDLEFSL[@]}" train "${resume[@]}" --output "$out" --data-root "$root" --nproc "$NPROC" \
-    --no-progress
+  echo "$(date -Is) $stage: training (${start[0]})"
+  "${PADDLEFSL[@]}" train "${start[@]}" --iterations "$iterations" --output "$out" \
+    --data-root "$root" --nproc "$NPROC" --no-progress
   rc=$?
-  [ $rc -eq 0 ] || { echo "$(date -Is) $preset: train exited with $rc"; exit $rc; }
-  "${PADDLEFSL[@]}" eval --checkpoint "$out" --data-root "$root" --no-progress
+  [ $rc -eq 0 ] || { echo "$(date -Is) $stage: train exited with $rc"; exit $rc; }
+  mkdir -p "$evals"
+  "${PADDLEFSL[@]}" eval --checkpoint "$out" --data-root "$root" --output "$evals" --no-progress
   rc=$?
-  [ $rc -eq 0 ] || { echo "$(date -Is) $preset: eval exited with $rc"; exit $rc; }
+  [ $rc -eq 0 ] || { echo "$(date -Is) $stage: eval exited with $rc"; exit $rc; }
+  echo "$(date -Is) $stage: evaluated -> $evals/eval_test.json"
 done
