@@ -18,7 +18,7 @@ OMNIGLOT=${2:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/omniglot}
 MINI=${3:-$HOME/data/miniimagenet}
 NPROC=${NPROC:-$(nproc)}
 read -r -a PADDLEFSL <<< "${PADDLEFSL:-paddlefsl}"
-PLAN=${PLAN:-"anil-omniglot-5w1s@20000 maml-omniglot-5w5s@10000 anil-omniglot-5w5s@10000
+PLAN=${PLAN:-"anil-omniglot-5w1s@20000 anil-omniglot-5w5s@10000 maml-omniglot-5w5s@10000
   maml-omniglot-5w1s@60000 anil-omniglot-5w1s@60000 maml-omniglot-5w5s@60000
   anil-omniglot-5w5s@60000 anil-miniimagenet-5w1s@60000 maml-miniimagenet-5w1s@60000
   anil-miniimagenet-5w5s@60000 maml-miniimagenet-5w5s@60000"}
