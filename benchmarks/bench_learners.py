@@ -123,7 +123,9 @@ def _spawned(workload: str, algo: str, iters: int, warmup: int, nproc: int) -> N
         print("RESULT " + json.dumps(result), flush=True)
 
 
-PEER_SETTINGS = {"W1": "omniglot", "W2": "mini"}  # the peer script has no W1s
+# W1s runs the peer script through peer_strided.py, which adds the strided network to it.
+PEER_SETTINGS = {"W1": "omniglot", "W1s": "omniglot-strided", "W2": "mini"}
+PEER_STRIDED = Path(__file__).resolve().parent / "peer_strided.py"
 DEFAULT_PEER_SCRIPT = (
     Path(__file__).resolve().parents[1].parent / "shared/bench/peers/bench_torch.py"
 )
@@ -146,9 +148,12 @@ def _peer(workload: str, algo: str, args: argparse.Namespace) -> dict | None:
     ):
         return None
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    script = [str(args.peer_script)]
+    if workload == "W1s":
+        script = [str(PEER_STRIDED), "--peer-dir", str(args.peer_script.parent)]
     cmd = [
         str(args.peer_python),
-        str(args.peer_script),
+        *script,
         "--impl",
         "l2l",
         "--setting",

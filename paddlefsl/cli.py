@@ -1,4 +1,4 @@
-"""The ``paddlefsl`` command: ``train``, ``eval`` and the ``sinusoid`` demo.
+"""The ``paddlefsl`` command: ``train``, ``eval``, ``export`` and the ``sinusoid`` demo.
 
 Usage errors (bad options, missing data, a resume with a different configuration)
 print one line and exit with code 2; a NaN / inf loss exits with 1; SIGINT / SIGTERM
@@ -8,6 +8,8 @@ Example:
     >>> main(["train", "--preset", "maml-omniglot-5w1s", "--data-root", "data/omniglot",
     ...       "--output", "runs/omniglot-5w1s"])  # doctest: +SKIP
     >>> main(["eval", "--checkpoint", "runs/omniglot-5w1s"])  # doctest: +SKIP
+    >>> main(["export", "--checkpoint", "runs/omniglot-5w1s",
+    ...       "--output", "zoo/omniglot-5w1s"])  # doctest: +SKIP
 
 """
 
@@ -162,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``paddlefsl`` command."""
     parser = _Parser(
         prog="paddlefsl",
-        description=f"Meta-learning with paddlefsl: train, evaluate, demo. Documentation: {DOCS}.",
+        description=f"Meta-learning with paddlefsl: train, evaluate, export, demo. "
+        f"Documentation: {DOCS}.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     train = sub.add_parser(
@@ -181,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         metavar="DIR_OR_FILE",
-        help="run folder, its checkpoints/ folder, a record .json or a .pdparams",
+        help="run folder, its checkpoints/ folder, an export folder, a record .json or a .pdparams",
     )
     ev.add_argument(
         "--which",
@@ -198,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-root",
         default=None,
         metavar="DIR",
-        help="dataset folder, if it moved since training",
+        help="dataset folder, if it moved since training (required for an exported model)",
     )
     ev.add_argument(
         "--output",
@@ -207,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write eval_<split>.json (default: the run folder)",
     )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ex = sub.add_parser(
+        "export",
+        help="copy a run's checkpoint into a small folder to share (weights only)",
+        description="Write model.pdparams, best.json and metrics.jsonl of a run's checkpoint "
+        "into a new folder, without the optimizer state, random states or local paths; "
+        "'paddlefsl eval --checkpoint DIR --data-root ...' evaluates it.",
+    )
+    ex.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR_OR_FILE",
+        help="run folder, its checkpoints/ folder, a record .json or a .pdparams",
+    )
+    ex.add_argument(
+        "--which",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint of a folder to export (default best, else last)",
+    )
+    ex.add_argument("--output", required=True, metavar="DIR", help="the export folder")
+    ex.add_argument(
+        "--force", action="store_true", help="replace a different export already in --output"
+    )
     sub.add_parser(
         "sinusoid",
         add_help=False,
@@ -353,7 +379,7 @@ def _run_training(config: Any, progress: bool, resume: bool) -> int:
 # ---------------------------------------------------------------------- eval
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.builders import build_learner, build_tasks, eval_seed
-    from .train.checkpoint import CHECKPOINT_DIR, atomic_write_json, load_checkpoint
+    from .train.checkpoint import atomic_write_json, load_checkpoint
     from .train.config import TrainConfig
     from .train.errors import ConfigError
     from .train.evaluate import evaluate
@@ -376,9 +402,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(
         learner, tasks, config.inner_steps_test, config.task_type, progress=not args.no_progress
     )
-    run_dir = (
-        ckpt.path.parent.parent if ckpt.path.parent.name == CHECKPOINT_DIR else ckpt.path.parent
-    )
+    run_dir = ckpt.run_dir  # <run> for <run>/checkpoints/*.json, the folder of an export
     out_dir = Path(args.output) if args.output else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     preset = PRESETS.get(config.preset or "")
@@ -407,6 +431,52 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"written to {out_file}"
     )
     print(plot_learning_curve(run_dir, out_dir / "learning_curve.png"), file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- export
+def _size(num_bytes: int) -> str:
+    if num_bytes < 1000:
+        return f"{num_bytes} B"
+    if num_bytes < 1_000_000:
+        return f"{num_bytes / 1e3:.1f} kB"
+    return f"{num_bytes / 1e6:.1f} MB"
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.checkpoint import export_checkpoint
+    from .train.config import TrainConfig
+    from .train.errors import ConfigError
+
+    record_path = export_checkpoint(
+        args.checkpoint, args.output, which=args.which, overwrite=args.force
+    )
+    record = json.loads(record_path.read_text())
+    folder = record_path.parent
+    written = [
+        f"{name} ({_size((folder / name).stat().st_size)})"
+        for name in (record["files"]["model"], "metrics.jsonl", record_path.name)
+        if (folder / name).is_file()
+    ]
+    print(
+        f"exported iteration {record['iteration']} of {record['exported_from']['record']} "
+        f"to {folder}: {', '.join(written)}"
+    )
+    saved = record.get("config") or {}
+    try:
+        dataset = TrainConfig.from_dict(saved).validate().dataset if saved else None
+    except ConfigError:
+        dataset = None
+    if dataset is None:
+        print(
+            "its configuration is not that of a 'paddlefsl train' run, so 'paddlefsl eval' "
+            "cannot rebuild the model; load it with paddlefsl.train.load_checkpoint"
+        )
+        return 0
+    data_root = "" if dataset == "sinusoid" else " --data-root DIR"
+    print(f"Evaluate with: paddlefsl eval --checkpoint {folder}{data_root}")
     return 0
 
 
@@ -443,9 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: train, eval or sinusoid")
+        parser.error("choose a command: train, eval, export or sinusoid")
     prog = f"paddlefsl {args.command}"
-    handler = {"train": _cmd_train, "eval": _cmd_eval}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export}[args.command]
 
     return _with_clear_errors(prog, lambda: handler(args))
 

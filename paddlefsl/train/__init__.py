@@ -17,7 +17,13 @@ Example:
 
 """
 
-from .checkpoint import Checkpoint, CheckpointManager, load_checkpoint, resolve_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    export_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from .config import TrainConfig, build_config, load_config
 from .errors import CheckpointError, ConfigError, ConfigMismatchError, NonFiniteLossError
 from .evaluate import EvalResult, confidence_interval, evaluate
@@ -48,6 +54,7 @@ __all__ = [
     "capture_rng_state",
     "confidence_interval",
     "evaluate",
+    "export_checkpoint",
     "get_preset",
     "load_checkpoint",
     "load_config",

@@ -11,6 +11,12 @@ Every file is written to a temporary file in the same folder, fsynced, then move
 place with ``os.replace``. The binaries carry the iteration in their names and the JSON
 record, written last, is what points at them; so a kill at any moment leaves the
 previous record pointing at complete files. Files no record points at are deleted.
+
+:func:`export_checkpoint` copies one checkpoint into a small folder for sharing::
+
+    model.pdparams   the model state_dict (no optimizer, no random states)
+    best.json        its record, pointing at model.pdparams
+    metrics.jsonl    the run's learning curve, when the run has one
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import paddle
 
 from .._fsync import fsync_path
 from .errors import CheckpointError
+from .metrics import METRICS_FILE
 from .rng import capture_rng_state
 
 __all__ = [
@@ -35,12 +42,17 @@ __all__ = [
     "Checkpoint",
     "CheckpointManager",
     "atomic_write_bytes",
+    "export_checkpoint",
     "load_checkpoint",
     "resolve_checkpoint",
 ]
 
 FORMAT = "paddlefsl-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"
+EXPORT_MODEL_FILE = "model.pdparams"
+EXPORT_RECORD_FILE = "best.json"
+#: Configuration fields that only make sense on the machine that trained the model.
+MACHINE_FIELDS = ("output", "data_root")
 _TMP_SUFFIX = ".tmp"
 
 
@@ -181,6 +193,11 @@ class Checkpoint:
         """The run configuration saved with it (may be empty)."""
         return dict(self.record.get("config") or {})
 
+    @property
+    def run_dir(self) -> Path:
+        """The run folder (or export folder) the checkpoint belongs to."""
+        return _run_folder(self.path, self.record)
+
     def load_model(self, model: paddle.nn.Layer) -> None:
         """Copy the saved weights and buffers into ``model`` (same architecture).
 
@@ -206,7 +223,11 @@ class Checkpoint:
     def load_optimizer(self, optimizer: paddle.optimizer.Optimizer, model: paddle.nn.Layer) -> None:
         """Restore the optimizer state (accumulators, LR schedule) for ``model``'s params."""
         if self.optimizer_state is None:
-            raise CheckpointError(f"checkpoint {self.path} has no optimizer state")
+            hint = ""
+            if "exported_from" in self.record:
+                origin = self.record["exported_from"].get("record")
+                hint = f": it is an export (weights only); resume from the run, {origin}"
+            raise CheckpointError(f"checkpoint {self.path} has no optimizer state{hint}")
         optimizer.set_state_dict(_unrename_state(self.optimizer_state, model))
 
 
@@ -363,12 +384,53 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
     raise CheckpointError(f"checkpoint {path} does not exist")
 
 
+def _run_folder(record_path: Path, record: dict[str, Any]) -> Path:
+    # A run keeps its records in <run>/checkpoints/; an export keeps its record at the top.
+    folder = record_path.parent
+    if folder.name == CHECKPOINT_DIR and "exported_from" not in record:
+        return folder.parent
+    return folder
+
+
+def _read_record(record_path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint record {record_path}: {err}") from err
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{record_path} is not a paddlefsl checkpoint record")
+    files, sums = record.get("files"), record.get("sha256")
+    if (
+        not isinstance(files, dict)
+        or "model" not in files
+        or not isinstance(sums, dict)
+        or set(files) - set(sums)
+        or "iteration" not in record
+    ):
+        raise CheckpointError(
+            f"checkpoint record {record_path} is incomplete (it needs iteration, files and "
+            "sha256 entries); it was not written by paddlefsl"
+        )
+    return record
+
+
+def _read_file(record_path: Path, record: dict[str, Any], key: str) -> bytes:
+    file = record_path.parent / record["files"][key]
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"checkpoint file {file} is missing: {err}") from err
+    if _sha256(data) != record["sha256"][key]:
+        raise CheckpointError(f"checkpoint file {file} is damaged (sha256 mismatch)")
+    return data
+
+
 def load_checkpoint(path: str | os.PathLike, which: str = "best") -> Checkpoint:
     """Load a checkpoint: the record, the model state and the optimizer state.
 
     Args:
-        path: A run folder, its ``checkpoints`` folder, a record ``.json`` or a
-            ``.pdparams`` file.
+        path: A run folder, its ``checkpoints`` folder, an export folder, a record
+            ``.json`` or a ``.pdparams`` file.
         which: For folders, ``"best"`` or ``"last"``.
 
     Raises:
@@ -376,20 +438,138 @@ def load_checkpoint(path: str | os.PathLike, which: str = "best") -> Checkpoint:
 
     """
     record_path = resolve_checkpoint(path, which)
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint record {record_path}: {err}") from err
-    if record.get("format") != FORMAT:
-        raise CheckpointError(f"{record_path} is not a paddlefsl checkpoint record")
-    loaded: dict[str, Any] = {}
-    for key, name in record["files"].items():
-        file = record_path.parent / name
-        try:
-            data = file.read_bytes()
-        except OSError as err:
-            raise CheckpointError(f"checkpoint file {file} is missing: {err}") from err
-        if _sha256(data) != record["sha256"][key]:
-            raise CheckpointError(f"checkpoint file {file} is damaged (sha256 mismatch)")
-        loaded[key] = _deserialize(data)
+    record = _read_record(record_path)
+    loaded = {key: _deserialize(_read_file(record_path, record, key)) for key in record["files"]}
     return Checkpoint(record, record_path, loaded["model"], loaded.get("optimizer"))
+
+
+def export_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    which: str = "best",
+    overwrite: bool = False,
+) -> Path:
+    """Copy a checkpoint's weights into a small, self-contained folder for sharing.
+
+    ``destination`` receives ``model.pdparams`` (the model weights, byte for byte; no
+    optimizer state), ``best.json`` (a record of the same format: iteration, config,
+    trainer state, sha256, and ``exported_from``, the source record and its time; no
+    random states) and, when the run has one, ``metrics.jsonl``. The machine-specific
+    config fields ``output`` and ``data_root`` are cleared, so the dataset folder is
+    given at evaluation time. :func:`load_checkpoint` and ``paddlefsl eval`` accept the
+    folder like a run folder.
+
+    Files are written atomically and the record last, so an interrupted export leaves
+    either no record or a complete export. Exporting the same weights again refreshes
+    the folder; replacing a different export needs ``overwrite`` and removes the
+    replaced export's ``eval_*.json`` and ``learning_curve.png``.
+
+    Args:
+        source: A run folder, its ``checkpoints`` folder, a record ``.json`` or a
+            ``.pdparams`` file (as for :func:`load_checkpoint`).
+        destination: The export folder (created if needed).
+        which: For folders, ``"best"`` or ``"last"``.
+        overwrite: Replace a different export already in ``destination``.
+
+    Returns:
+        Path of the exported record, ``destination/best.json``.
+
+    Raises:
+        CheckpointError: the source is missing or damaged (sha256 mismatch), or
+            ``destination`` is a training run or holds a different export.
+
+    Example:
+        >>> import tempfile, pathlib, paddle
+        >>> net = paddle.nn.Linear(2, 2)
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = CheckpointManager(run).save(["best"], net, None, iteration=3)
+        >>> record = export_checkpoint(run, run.parent / (run.name + "-export"))
+        >>> record.name, load_checkpoint(record.parent).iteration
+        ('best.json', 3)
+
+    """
+    record_path = resolve_checkpoint(source, which)
+    record = _read_record(record_path)
+    model = _read_file(record_path, record, "model")
+    destination = Path(destination).expanduser()
+    config = dict(record.get("config") or {})
+    for name in MACHINE_FIELDS:
+        if name in config:
+            config[name] = None
+    exported = {
+        "format": FORMAT,
+        "tag": "best",
+        "iteration": int(record["iteration"]),
+        "files": {"model": EXPORT_MODEL_FILE},
+        "sha256": {"model": _sha256(model)},
+        "config": config,
+        "state": dict(record.get("state") or {}),
+        "saved_at": record.get("saved_at"),
+        "exported_from": {"record": str(record_path), "saved_at": record.get("saved_at")},
+    }
+    replacing = _check_export_destination(destination, record_path, exported, overwrite)
+    metrics = _run_folder(record_path, record) / METRICS_FILE
+
+    destination.mkdir(parents=True, exist_ok=True)
+    target = destination / EXPORT_RECORD_FILE
+    if replacing:
+        # Drop the old record first: it must never point at the new weights.
+        target.unlink()
+        fsync_path(destination, directory=True)
+        for stale in (*destination.glob("eval_*.json"), destination / "learning_curve.png"):
+            stale.unlink(missing_ok=True)
+    atomic_write_bytes(destination / EXPORT_MODEL_FILE, model)
+    if metrics.is_file():
+        atomic_write_bytes(destination / METRICS_FILE, metrics.read_bytes())
+    elif replacing:
+        (destination / METRICS_FILE).unlink(missing_ok=True)
+    atomic_write_json(target, exported)
+    return target
+
+
+def _check_export_destination(
+    destination: Path, record_path: Path, exported: dict[str, Any], overwrite: bool
+) -> bool:
+    """Raise if ``destination`` may not receive the export; True if it replaces another."""
+    if destination.exists() and not destination.is_dir():
+        raise CheckpointError(f"export destination {destination} is a file, not a folder")
+    if not destination.is_dir():
+        return False
+    if destination.resolve() == record_path.parent.resolve():
+        raise CheckpointError(
+            f"cannot export {record_path} into its own folder {destination}; choose another one"
+        )
+    force = "pass --force (overwrite=True) to replace it, or choose another folder"
+    record_file = destination / EXPORT_RECORD_FILE
+    if not record_file.is_file():
+        if (destination / CHECKPOINT_DIR).exists() or (destination / "last.json").exists():
+            raise CheckpointError(
+                f"{destination} holds a training run's checkpoints, not an export; export "
+                "into a new folder"
+            )
+        if (destination / EXPORT_MODEL_FILE).exists() and not overwrite:
+            raise CheckpointError(
+                f"{destination} holds {EXPORT_MODEL_FILE} but no {EXPORT_RECORD_FILE} (an "
+                f"interrupted export?); {force}"
+            )
+        return False
+    try:
+        old = json.loads(record_file.read_text())
+    except (OSError, ValueError) as err:
+        if not overwrite:
+            raise CheckpointError(f"cannot read {record_file} ({err}); {force}") from err
+        return True
+    if not isinstance(old, dict) or "exported_from" not in old:
+        raise CheckpointError(
+            f"{destination} holds a training run's checkpoints, not an export; export into "
+            "a new folder"
+        )
+    if (old.get("sha256") or {}).get("model") == exported["sha256"]["model"]:
+        return False  # the same weights: refresh the files
+    if not overwrite:
+        origin = (old.get("exported_from") or {}).get("record")
+        raise CheckpointError(
+            f"{destination} already holds a different export (iteration "
+            f"{old.get('iteration')} of {origin}); {force}"
+        )
+    return True
