@@ -333,8 +333,23 @@ def _spawn_training(config: Any, progress: bool, resume: bool) -> int:
     try:
         while not context.join():
             pass
-    except Exception:  # noqa: BLE001  (a worker exited non-zero and has said why)
+    except Exception:  # noqa: BLE001  (a worker exited non-zero)
         codes = [p.exitcode for p in context.processes if p.exitcode]
+        killed = [
+            (rank, -p.exitcode)
+            for rank, p in enumerate(context.processes)
+            if p.exitcode and p.exitcode < 0
+        ]
+        if killed:
+            # A process killed by a signal had no chance to say why; say it for it.
+            names = ", ".join(
+                f"process {rank} by {signal.Signals(num).name}" for rank, num in killed
+            )
+            print(
+                f"paddlefsl train: killed: {names}; the last checkpoint written is kept. "
+                f"Continue with: paddlefsl train --resume --output {config.output}",
+                file=sys.stderr,
+            )
         return max(codes, default=1) if all(c > 0 for c in codes) else 1
     finally:
         for sig, handler in previous.items():

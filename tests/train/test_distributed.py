@@ -98,3 +98,26 @@ def test_sigint_to_the_parent_saves_and_stops_all_processes(tmp_path):
     assert "checkpoint saved" in stdout
     record = json.loads((out / "checkpoints" / "last.json").read_text())
     assert record["iteration"] > 0
+
+
+def test_a_killed_process_is_named_and_the_checkpoint_kept(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = _sinusoid_command(out, 2, 1000000, 2, "--checkpoint-every", "5")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = out / "checkpoints" / "last.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.exists():  # wait for a first checkpoint
+        time.sleep(0.5)
+    workers = subprocess.run(
+        ["pgrep", "-P", str(proc.pid), "-f", "multiprocessing"], capture_output=True, text=True
+    ).stdout.split()
+    assert workers, "no worker processes found"
+    # A worker killed outright (as the kernel's OOM killer would) cannot report itself.
+    subprocess.run(["kill", "-KILL", workers[-1]], check=True)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "SIGKILL" in stderr and "--resume" in stderr, stderr[-2000:]
+    assert json.loads(last.read_text())["iteration"] >= 5
