@@ -101,7 +101,6 @@ def test_sigint_to_the_parent_saves_and_stops_all_processes(tmp_path):
 
 
 def test_a_killed_process_is_named_and_the_checkpoint_kept(tmp_path):
-    import signal
     import time
 
     out = tmp_path / "run"
