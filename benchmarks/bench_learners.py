@@ -53,9 +53,10 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
 
     from paddlefsl.metaopt import ANIL, MAML
     from paddlefsl.models import Conv4
-    from paddlefsl.runtime import tune_allocator
+    from paddlefsl.runtime import tune_allocator, use_cores
 
     tune_allocator()  # as the paddlefsl CLI does
+    use_cores(world)
 
     w = WORKLOADS[workload]
     paddle.seed(0)

@@ -20,7 +20,7 @@ from bench_learners import QUERIES, SHOTS, WAYS, WORKLOADS
 
 from paddlefsl.metaopt import ANIL, MAML
 from paddlefsl.models import Conv4
-from paddlefsl.runtime import tune_allocator
+from paddlefsl.runtime import tune_allocator, use_cores
 
 
 def conv_flops_per_image(w: dict) -> float:
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     tune_allocator()
+    use_cores(1)
     w = WORKLOADS[args.workload]
     paddle.seed(0)
     rng = np.random.default_rng(0)

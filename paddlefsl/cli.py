@@ -358,8 +358,10 @@ def _spawn_training(config: Any, progress: bool, resume: bool) -> int:
 
 
 def _run_training(config: Any, progress: bool, resume: bool) -> int:
+    from .runtime import use_cores
     from .train.builders import build_trainer
 
+    use_cores(config.nproc)  # oneDNN convolutions: this process's share of the cores
     trainer = build_trainer(config, progress=progress)
     # One report per run: the other processes of a --nproc run stay quiet.
     say = print if trainer.group.is_main else (lambda *args, **kwargs: None)
@@ -393,6 +395,7 @@ def _run_training(config: Any, progress: bool, resume: bool) -> int:
 
 # ---------------------------------------------------------------------- eval
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .runtime import use_cores
     from .train.builders import build_learner, build_tasks, eval_seed
     from .train.checkpoint import atomic_write_json, load_checkpoint
     from .train.config import TrainConfig
@@ -401,6 +404,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.metrics import plot_learning_curve
     from .train.presets import PRESETS
 
+    use_cores(1)
     ckpt = load_checkpoint(args.checkpoint, which=args.which)
     if not ckpt.config:
         raise ConfigError(

@@ -6,15 +6,19 @@ task pays page faults to get fresh, zeroed memory again (on the VMs measured her
 15-20% of a Conv4 meta-iteration). :func:`tune_allocator` makes glibc keep and reuse them.
 
 The CLI and the benchmarks call it; in your own training script, call it once at start.
+
+Paddle's CPU kernels run on one thread. :func:`use_cores` lets the convolutions that run
+on oneDNN (:mod:`paddlefsl.ops.onednn`) use this process's share of the cores instead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
-__all__ = ["tune_allocator"]
+__all__ = ["tune_allocator", "use_cores"]
 
 # mallopt() parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -55,3 +59,40 @@ def tune_allocator(keep_bytes: int = 1 << 30) -> bool:
     ok &= bool(mallopt(_M_TRIM_THRESHOLD, keep))
     ok &= bool(mallopt(_M_TOP_PAD, 64 << 20))
     return ok
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def use_cores(processes: int = 1) -> int:
+    """Give the oneDNN convolutions this process's share of the machine's cores.
+
+    With ``processes`` training processes on one machine (``--nproc``), each gets
+    ``cores // processes`` threads, so they never compete for a core. Only the oneDNN
+    convolutions use them; Paddle's other kernels stay single-threaded. Nothing is built
+    here: the kernels are built on first use, and without them this changes nothing.
+
+    Args:
+        processes: training processes sharing this machine.
+
+    Returns:
+        The thread count set.
+
+    Example:
+        >>> from paddlefsl.runtime import use_cores
+        >>> use_cores(processes=1) >= 1
+        True
+
+    """
+    from .ops import onednn
+
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"use_cores: processes must be an int >= 1, got {processes!r}")
+    threads = max(1, available_cores() // processes)
+    onednn.set_threads(threads)
+    return threads

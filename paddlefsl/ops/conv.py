@@ -7,6 +7,12 @@ to the filter's graph with an exact zero restores the path. ``depthwise_conv2d``
 double-grad kernel at all; the generic conv2d kernel computes the same thing with one.
 Both rewrites are applied only inside :func:`second_order_scope`, so ordinary forward
 passes keep Paddle's fastest kernels.
+
+When the oneDNN kernels of :mod:`paddlefsl.ops.onednn` are available, a float32 NCHW
+convolution of a hidden layer (groups 1, dilation 1, symmetric padding) runs on them
+instead, through :mod:`paddlefsl.ops.conv_graph`, which is exact to any order by itself.
+The first layer of an image network (fewer than ``MIN_FAST_CHANNELS`` input channels)
+stays native: it is memory-bound and oneDNN gains nothing there.
 """
 
 from __future__ import annotations
@@ -17,6 +23,71 @@ import paddle
 
 from ._common import tracks_grad
 from ._registry import in_second_order_scope, native, register
+from .conv_graph import ConvGeometry, ConvKernels
+from .conv_graph import conv2d as _graph_conv2d
+
+#: Input channels below which a convolution keeps Paddle's kernel (see the module doc).
+MIN_FAST_CHANNELS = 8
+#: Dtypes the fast kernels take (oneDNN has no float64 convolution on CPU).
+FAST_DTYPES = (paddle.float32,)
+
+
+class _OneDNNKernels:
+    """The raw kernels of :mod:`paddlefsl.ops.onednn` behind the ConvKernels protocol."""
+
+    def __init__(self, module) -> None:
+        self._m = module
+
+    def forward(self, x, w, geo: ConvGeometry):
+        return self._m.conv2d_forward(x, w, geo.strides, geo.paddings)
+
+    def backward_data(self, dy, w, geo: ConvGeometry):
+        return self._m.conv2d_backward_data(dy, w, geo.strides, geo.paddings, geo.input_hw)
+
+    def backward_weight(self, x, dy, geo: ConvGeometry):
+        return self._m.conv2d_backward_weight(x, dy, geo.strides, geo.paddings, geo.kernel_hw)
+
+
+_FAST: list[ConvKernels | None] = []  # resolved on the first eligible call
+
+
+def fast_kernels() -> ConvKernels | None:
+    """The oneDNN kernels if they are built (or can be built now), else None."""
+    if not _FAST:
+        from . import onednn  # built lazily: nothing happens until a conv needs it
+
+        _FAST.append(_OneDNNKernels(onednn) if onednn.available() else None)
+    return _FAST[0]
+
+
+def _fast_geometry(x, weight, strides, paddings, padding_algorithm, dilations, groups, fmt):
+    """The geometry if the fast kernels can run this convolution, else None."""
+    if (
+        fmt != "NCHW"
+        or groups != 1
+        or padding_algorithm != "EXPLICIT"
+        or list(dilations) != [1, 1]
+        or len(strides) != 2
+        or not isinstance(x, paddle.Tensor)
+        or x.ndim != 4
+        or x.dtype not in FAST_DTYPES
+        or weight.dtype != x.dtype
+        or x.shape[1] < MIN_FAST_CHANNELS
+    ):
+        return None
+    pads = list(paddings)
+    if len(pads) == 4:  # [top, bottom, left, right]: only symmetric padding
+        if pads[0] != pads[1] or pads[2] != pads[3]:
+            return None
+        pads = [pads[0], pads[2]]
+    if len(pads) != 2:
+        return None
+    return ConvGeometry(
+        (int(strides[0]), int(strides[1])),
+        (int(pads[0]), int(pads[1])),
+        (int(x.shape[2]), int(x.shape[3])),
+        (int(weight.shape[2]), int(weight.shape[3])),
+    )
 
 
 def _connect_input(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
@@ -29,6 +100,12 @@ def _connect_input(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
 @register("conv2d")
 def _conv2d(native_fn: Callable) -> Callable:
     def conv2d(x, weight, *args, **kwargs):
+        if len(args) == 6 and not kwargs:
+            geo = _fast_geometry(x, weight, *args)
+            if geo is not None:
+                kernels = fast_kernels()
+                if kernels is not None:
+                    return _graph_conv2d(x, weight, geo, kernels)
         if in_second_order_scope() and tracks_grad(weight):
             x = _connect_input(x, weight)
         return native_fn(x, weight, *args, **kwargs)

@@ -1,0 +1,468 @@
+// oneDNN 2-D convolution kernels for Paddle (CPU, float32, NCHW, groups 1, dilation 1).
+//
+// Three raw custom ops, without grad ops (autograd is composed in Python):
+//
+//   onednn_conv2d_forward(x, w)          -> y    attrs: strides, paddings, threads
+//   onednn_conv2d_backward_data(dy, w)   -> dx   attrs: strides, paddings, input_hw, threads
+//   onednn_conv2d_backward_weight(x, dy) -> dw   attrs: strides, paddings, kernel_hw, threads
+//
+// strides = {sh, sw}; paddings = {ph, pw}, applied on both sides; threads >= 1 is the
+// OpenMP team size for this call only (the caller's setting is restored afterwards, so
+// Paddle's own kernels keep their thread count).
+//
+// Built by paddlefsl/ops/onednn.py against oneDNN 3.6 headers and linked with the
+// libdnnl.so.3 and libiomp5.so that ship in the Paddle wheel. Only the stable v3 C++ API
+// is used (dnnl.hpp), as far as oneDNN 3.6.1 and 3.6.2 share it.
+//
+// Why blocked layouts: oneDNN's fast CPU convolutions (jit:avx2 / jit:avx512) want
+// activations in nChw8c/nChw16c and weights in a matching blocked layout. The primitive
+// descriptors are created with format_tag::any and every argument is reordered from and
+// to Paddle's plain NCHW / OIHW tensors; the reorders cost far less than the speed-up.
+//
+// Cache: creating a primitive descriptor means searching oneDNN's implementation list
+// (tens of microseconds to milliseconds), so the convolution primitive and its reorder
+// primitives are cached per (op, shapes, strides, paddings, threads) in a small LRU
+// map. The thread count is part of the key because a oneDNN CPU primitive is tuned for
+// (and must run with at most) the OpenMP team size it was created with. Scratch
+// buffers for the blocked copies are allocated per call through Paddle's allocator
+// (which recycles them), so cached entries hold no large memory and concurrent calls
+// from several Python threads share nothing mutable.
+
+#include <array>
+#include <cstdint>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "paddle/extension.h"
+
+// OpenMP runtime entry points (Paddle's libiomp5). Declared here rather than through
+// <omp.h> so that the build needs no -fopenmp: we must use the runtime oneDNN uses.
+extern "C" {
+int omp_get_max_threads(void);
+void omp_set_num_threads(int);
+}
+
+namespace {
+
+using dnnl::memory;
+using Tag = dnnl::memory::format_tag;
+using Dt = dnnl::memory::data_type;
+
+// At most this many (op, shape, threads) entries stay cached; the least recently used
+// one is dropped first. A meta-learning model has a handful of conv layers times a few
+// batch shapes (support, query, evaluation) times three ops.
+constexpr size_t kCacheCapacity = 128;
+
+enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeight = 2 };
+
+const char* kind_name(Kind kind) {
+  switch (kind) {
+    case kForward:
+      return "onednn_conv2d_forward";
+    case kBackwardData:
+      return "onednn_conv2d_backward_data";
+    default:
+      return "onednn_conv2d_backward_weight";
+  }
+}
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// A stream is not meant to be shared between threads; a CPU stream is cheap.
+dnnl::stream& thread_stream() {
+  thread_local dnnl::stream stream(cpu_engine());
+  return stream;
+}
+
+// Sets the calling thread's OpenMP team size for the lifetime of the guard.
+class ThreadGuard {
+ public:
+  explicit ThreadGuard(int threads) : previous_(omp_get_max_threads()) {
+    if (threads != previous_) omp_set_num_threads(threads);
+  }
+  ~ThreadGuard() {
+    if (omp_get_max_threads() != previous_) omp_set_num_threads(previous_);
+  }
+  ThreadGuard(const ThreadGuard&) = delete;
+  ThreadGuard& operator=(const ThreadGuard&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Geometry of one convolution: x [n, c, h, w], w [o, c, kh, kw], y [n, o, oh, ow].
+struct Geometry {
+  int64_t n, c, h, w, o, kh, kw, oh, ow, sh, sw, ph, pw;
+};
+
+int64_t out_size(int64_t in, int64_t k, int64_t s, int64_t p) {
+  return (in + 2 * p - k) / s + 1;
+}
+
+void check_pair(const char* op, const char* name, const std::vector<int>& v,
+                int minimum) {
+  PD_CHECK(v.size() == 2, op, ": ", name, " must have 2 values, got ", v.size());
+  PD_CHECK(v[0] >= minimum && v[1] >= minimum, op, ": ", name, " must be >= ",
+           minimum, ", got [", v[0], ", ", v[1], "]");
+}
+
+void check_tensor(const char* op, const char* name, const paddle::Tensor& t) {
+  PD_CHECK(t.numel() == 0 || t.initialized(), op, ": ", name, " is not initialized");
+  PD_CHECK(t.is_dense_tensor() && t.is_cpu(), op, ": ", name,
+           " must be a dense CPU tensor");
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": ", name,
+           " must be float32, got ", t.dtype(),
+           " (oneDNN has no float64 CPU convolution; use paddle.nn.functional.conv2d)");
+  PD_CHECK(t.shape().size() == 4, op, ": ", name, " must be 4-D, got ",
+           t.shape().size(), "-D");
+}
+
+// Validates the geometry, which is complete once x, w and strides/paddings are known.
+Geometry make_geometry(const char* op, const std::vector<int64_t>& xs,
+                       const std::vector<int64_t>& ws, const std::vector<int>& strides,
+                       const std::vector<int>& paddings) {
+  check_pair(op, "strides", strides, 1);
+  check_pair(op, "paddings", paddings, 0);
+  Geometry g{};
+  g.n = xs[0];
+  g.c = xs[1];
+  g.h = xs[2];
+  g.w = xs[3];
+  g.o = ws[0];
+  g.kh = ws[2];
+  g.kw = ws[3];
+  g.sh = strides[0];
+  g.sw = strides[1];
+  g.ph = paddings[0];
+  g.pw = paddings[1];
+  PD_CHECK(ws[1] == g.c, op, ": input has ", g.c, " channels but the weight expects ",
+           ws[1], " (only groups=1, NCHW input and OIHW weights are supported)");
+  PD_CHECK(g.n >= 0 && g.c > 0 && g.h > 0 && g.w > 0 && g.o > 0 && g.kh > 0 && g.kw > 0,
+           op, ": empty channel, spatial or kernel dimension");
+  PD_CHECK(g.h + 2 * g.ph >= g.kh && g.w + 2 * g.pw >= g.kw, op, ": kernel ", g.kh, "x",
+           g.kw, " is larger than the padded input ", g.h + 2 * g.ph, "x",
+           g.w + 2 * g.pw);
+  g.oh = out_size(g.h, g.kh, g.sh, g.ph);
+  g.ow = out_size(g.w, g.kw, g.sw, g.pw);
+  return g;
+}
+
+void check_dy(const char* op, const Geometry& g, const std::vector<int64_t>& ds,
+              const char* hw_name) {
+  PD_CHECK(ds[0] == g.n && ds[1] == g.o && ds[2] == g.oh && ds[3] == g.ow, op,
+           ": dy has shape [", ds[0], ", ", ds[1], ", ", ds[2], ", ", ds[3],
+           "] but the convolution gives [", g.n, ", ", g.o, ", ", g.oh, ", ", g.ow,
+           "] (check ", hw_name, ", strides and paddings)");
+}
+
+// How one convolution argument gets from Paddle's plain tensor to what the primitive
+// wants (or back, for the output).
+struct Arg {
+  memory::desc plain;       // nchw / oihw: the Paddle tensor
+  memory::desc blocked;     // what the primitive chose
+  bool reorder = false;     // plain != blocked
+  dnnl::reorder to_prim;    // plain -> blocked (inputs)
+  dnnl::reorder from_prim;  // blocked -> plain (output)
+};
+
+struct Entry {
+  dnnl::primitive conv;
+  Arg src, wei, dst;  // conv's x, w, y (or their gradients, by op)
+};
+
+using Key = std::array<int64_t, 15>;
+
+Key make_key(Kind kind, const Geometry& g, int threads) {
+  return {kind, g.n,  g.c,  g.h,  g.w,  g.o,  g.kh,   g.kw,
+          g.sh, g.sw, g.ph, g.pw, g.oh, g.ow, threads};
+}
+
+void init_arg(Arg& a, const memory::desc& plain, const memory::desc& chosen,
+              bool is_output) {
+  a.plain = plain;
+  a.blocked = chosen;
+  a.reorder = !(plain == chosen);
+  if (!a.reorder) return;
+  auto& eng = cpu_engine();
+  if (is_output) {
+    a.from_prim = dnnl::reorder(dnnl::reorder::primitive_desc(eng, chosen, eng, plain));
+  } else {
+    a.to_prim = dnnl::reorder(dnnl::reorder::primitive_desc(eng, plain, eng, chosen));
+  }
+}
+
+std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
+  auto& eng = cpu_engine();
+  const memory::dims xd{g.n, g.c, g.h, g.w}, wd{g.o, g.c, g.kh, g.kw},
+      yd{g.n, g.o, g.oh, g.ow}, strides{g.sh, g.sw}, pads{g.ph, g.pw};
+  const memory::desc x_plain(xd, Dt::f32, Tag::nchw), w_plain(wd, Dt::f32, Tag::oihw),
+      y_plain(yd, Dt::f32, Tag::nchw);
+  const memory::desc x_any(xd, Dt::f32, Tag::any), w_any(wd, Dt::f32, Tag::any),
+      y_any(yd, Dt::f32, Tag::any);
+  // The backward primitives need the forward one as a hint (it fixes the layouts).
+  dnnl::convolution_forward::primitive_desc fwd(
+      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, x_any,
+      w_any, y_any, strides, pads, pads);
+  auto e = std::make_shared<Entry>();
+  if (kind == kForward) {
+    init_arg(e->src, x_plain, fwd.src_desc(), false);
+    init_arg(e->wei, w_plain, fwd.weights_desc(), false);
+    init_arg(e->dst, y_plain, fwd.dst_desc(), true);
+    e->conv = dnnl::convolution_forward(fwd);
+  } else if (kind == kBackwardData) {
+    dnnl::convolution_backward_data::primitive_desc bwd(
+        eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads,
+        pads, fwd);
+    init_arg(e->src, x_plain, bwd.diff_src_desc(), true);
+    init_arg(e->wei, w_plain, bwd.weights_desc(), false);
+    init_arg(e->dst, y_plain, bwd.diff_dst_desc(), false);
+    e->conv = dnnl::convolution_backward_data(bwd);
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc bwd(
+        eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads,
+        pads, fwd);
+    init_arg(e->src, x_plain, bwd.src_desc(), false);
+    init_arg(e->wei, w_plain, bwd.diff_weights_desc(), true);
+    init_arg(e->dst, y_plain, bwd.diff_dst_desc(), false);
+    e->conv = dnnl::convolution_backward_weights(bwd);
+  }
+  return e;
+}
+
+// Bounded LRU map Key -> Entry. Entries are shared_ptr so an evicted entry stays alive
+// until the call using it returns.
+class Cache {
+ public:
+  std::shared_ptr<Entry> get(Kind kind, const Geometry& g, int threads) {
+    const Key key = make_key(kind, g, threads);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = map_.find(key);
+      if (it != map_.end()) {
+        order_.splice(order_.begin(), order_, it->second.second);
+        return it->second.first;
+      }
+    }
+    // Created outside the lock (slow); a concurrent duplicate is harmless.
+    auto entry = create_entry(kind, g);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = map_.find(key);
+    if (it != map_.end()) return it->second.first;
+    order_.push_front(key);
+    map_.emplace(key, std::make_pair(entry, order_.begin()));
+    while (map_.size() > kCacheCapacity) {
+      map_.erase(order_.back());
+      order_.pop_back();
+    }
+    return entry;
+  }
+
+ private:
+  std::mutex mu_;
+  std::list<Key> order_;  // most recently used first
+  std::map<Key, std::pair<std::shared_ptr<Entry>, std::list<Key>::iterator>> map_;
+};
+
+Cache& cache() {
+  static Cache c;
+  return c;
+}
+
+// Scratch buffer for a blocked copy, from Paddle's allocator (it recycles blocks).
+paddle::Tensor scratch(const memory::desc& d) {
+  return paddle::empty({static_cast<int64_t>(d.get_size())}, paddle::DataType::UINT8,
+                       paddle::CPUPlace());
+}
+
+void* data_of(const paddle::Tensor& t) { return const_cast<void*>(t.data()); }
+
+// An input argument as the primitive wants it: the tensor itself, or a blocked copy.
+memory prepare_input(const Arg& a, const paddle::Tensor& t, std::vector<paddle::Tensor>& keep,
+                     dnnl::stream& s) {
+  memory plain(a.plain, cpu_engine(), data_of(t));
+  if (!a.reorder) return plain;
+  keep.push_back(scratch(a.blocked));
+  memory blocked(a.blocked, cpu_engine(), data_of(keep.back()));
+  a.to_prim.execute(s, plain, blocked);
+  return blocked;
+}
+
+// Runs one convolution. `in0`/`in1` are the op's inputs, `out` its (plain) output;
+// which conv argument each one is depends on the op.
+void run(Kind kind, const Geometry& g, int threads, const paddle::Tensor& in0,
+         const paddle::Tensor& in1, paddle::Tensor& out) {
+  const char* op = kind_name(kind);
+  PD_CHECK(threads >= 1, op, ": threads must be >= 1, got ", threads);
+  ThreadGuard guard(threads);
+  try {
+    auto e = cache().get(kind, g, threads);
+    auto& s = thread_stream();
+    std::vector<paddle::Tensor> keep;  // scratch buffers, alive until the stream waits
+    // Argument roles per op: (input 0, input 1, output).
+    const Arg* a0;
+    const Arg* a1;
+    const Arg* ao;
+    int k0, k1, ko;
+    if (kind == kForward) {
+      a0 = &e->src, a1 = &e->wei, ao = &e->dst;
+      k0 = DNNL_ARG_SRC, k1 = DNNL_ARG_WEIGHTS, ko = DNNL_ARG_DST;
+    } else if (kind == kBackwardData) {
+      a0 = &e->dst, a1 = &e->wei, ao = &e->src;
+      k0 = DNNL_ARG_DIFF_DST, k1 = DNNL_ARG_WEIGHTS, ko = DNNL_ARG_DIFF_SRC;
+    } else {
+      a0 = &e->src, a1 = &e->dst, ao = &e->wei;
+      k0 = DNNL_ARG_SRC, k1 = DNNL_ARG_DIFF_DST, ko = DNNL_ARG_DIFF_WEIGHTS;
+    }
+    memory m0 = prepare_input(*a0, in0, keep, s);
+    memory m1 = prepare_input(*a1, in1, keep, s);
+    memory out_plain(ao->plain, cpu_engine(), data_of(out));
+    memory mo = out_plain;
+    if (ao->reorder) {
+      keep.push_back(scratch(ao->blocked));
+      mo = memory(ao->blocked, cpu_engine(), data_of(keep.back()));
+    }
+    e->conv.execute(s, {{k0, m0}, {k1, m1}, {ko, mo}});
+    if (ao->reorder) ao->from_prim.execute(s, mo, out_plain);
+    s.wait();
+  } catch (const dnnl::error& err) {
+    PD_THROW(op, ": oneDNN error: ", err.what(), " (status ", static_cast<int>(err.status),
+             ")");
+  }
+}
+
+paddle::Tensor contiguous(const paddle::Tensor& t) {
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------- kernels
+
+std::vector<paddle::Tensor> ForwardKernel(const paddle::Tensor& x, const paddle::Tensor& w,
+                                          const std::vector<int>& strides,
+                                          const std::vector<int>& paddings, int threads) {
+  const char* op = kind_name(kForward);
+  check_tensor(op, "x", x);
+  check_tensor(op, "w", w);
+  const Geometry g = make_geometry(op, x.shape(), w.shape(), strides, paddings);
+  auto y = paddle::empty({g.n, g.o, g.oh, g.ow}, paddle::DataType::FLOAT32,
+                         paddle::CPUPlace());
+  if (g.n > 0) run(kForward, g, threads, contiguous(x), contiguous(w), y);
+  return {y};
+}
+
+std::vector<paddle::Tensor> BackwardDataKernel(const paddle::Tensor& dy,
+                                               const paddle::Tensor& w,
+                                               const std::vector<int>& strides,
+                                               const std::vector<int>& paddings,
+                                               const std::vector<int>& input_hw,
+                                               int threads) {
+  const char* op = kind_name(kBackwardData);
+  check_tensor(op, "dy", dy);
+  check_tensor(op, "w", w);
+  check_pair(op, "input_hw", input_hw, 1);
+  const auto ds = dy.shape();
+  const auto ws = w.shape();
+  const std::vector<int64_t> xs{ds[0], ws[1], input_hw[0], input_hw[1]};
+  PD_CHECK(ds[1] == ws[0], op, ": dy has ", ds[1], " channels but the weight has ", ws[0],
+           " output channels");
+  const Geometry g = make_geometry(op, xs, ws, strides, paddings);
+  check_dy(op, g, ds, "input_hw");
+  auto dx = paddle::empty(xs, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  if (g.n > 0) run(kBackwardData, g, threads, contiguous(dy), contiguous(w), dx);
+  return {dx};
+}
+
+std::vector<paddle::Tensor> BackwardWeightKernel(const paddle::Tensor& x,
+                                                 const paddle::Tensor& dy,
+                                                 const std::vector<int>& strides,
+                                                 const std::vector<int>& paddings,
+                                                 const std::vector<int>& kernel_hw,
+                                                 int threads) {
+  const char* op = kind_name(kBackwardWeight);
+  check_tensor(op, "x", x);
+  check_tensor(op, "dy", dy);
+  check_pair(op, "kernel_hw", kernel_hw, 1);
+  const auto xs = x.shape();
+  const auto ds = dy.shape();
+  const std::vector<int64_t> ws{ds[1], xs[1], kernel_hw[0], kernel_hw[1]};
+  const Geometry g = make_geometry(op, xs, ws, strides, paddings);
+  check_dy(op, g, ds, "kernel_hw");
+  if (g.n == 0) return {paddle::full(ws, 0.0, paddle::DataType::FLOAT32, paddle::CPUPlace())};
+  auto dw = paddle::empty(ws, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  run(kBackwardWeight, g, threads, contiguous(x), contiguous(dy), dw);
+  return {dw};
+}
+
+// ------------------------------------------------------- shape / dtype inference
+// Only used when building a static graph; dims may be -1 (unknown) there.
+
+namespace {
+int64_t infer_out(int64_t in, int64_t k, int s, int p) {
+  return (in < 0 || k < 0) ? -1 : out_size(in, k, s, p);
+}
+}  // namespace
+
+std::vector<std::vector<int64_t>> ForwardShape(const std::vector<int64_t>& x,
+                                               const std::vector<int64_t>& w,
+                                               const std::vector<int>& strides,
+                                               const std::vector<int>& paddings, int) {
+  return {{x[0], w[0], infer_out(x[2], w[2], strides[0], paddings[0]),
+           infer_out(x[3], w[3], strides[1], paddings[1])}};
+}
+
+std::vector<std::vector<int64_t>> BackwardDataShape(const std::vector<int64_t>& dy,
+                                                    const std::vector<int64_t>& w,
+                                                    const std::vector<int>&,
+                                                    const std::vector<int>&,
+                                                    const std::vector<int>& input_hw, int) {
+  return {{dy[0], w[1], input_hw[0], input_hw[1]}};
+}
+
+std::vector<std::vector<int64_t>> BackwardWeightShape(const std::vector<int64_t>& x,
+                                                      const std::vector<int64_t>& dy,
+                                                      const std::vector<int>&,
+                                                      const std::vector<int>&,
+                                                      const std::vector<int>& kernel_hw,
+                                                      int) {
+  return {{dy[1], x[1], kernel_hw[0], kernel_hw[1]}};
+}
+
+std::vector<paddle::DataType> Float32(const paddle::DataType&, const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32};
+}
+
+PD_BUILD_OP(onednn_conv2d_forward)
+    .Inputs({"X", "W"})
+    .Outputs({"Y"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "threads: int"})
+    .SetKernelFn(PD_KERNEL(ForwardKernel))
+    .SetInferShapeFn(PD_INFER_SHAPE(ForwardShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Float32));
+
+PD_BUILD_OP(onednn_conv2d_backward_data)
+    .Inputs({"DY", "W"})
+    .Outputs({"DX"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>",
+            "input_hw: std::vector<int>", "threads: int"})
+    .SetKernelFn(PD_KERNEL(BackwardDataKernel))
+    .SetInferShapeFn(PD_INFER_SHAPE(BackwardDataShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Float32));
+
+PD_BUILD_OP(onednn_conv2d_backward_weight)
+    .Inputs({"X", "DY"})
+    .Outputs({"DW"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>",
+            "kernel_hw: std::vector<int>", "threads: int"})
+    .SetKernelFn(PD_KERNEL(BackwardWeightKernel))
+    .SetInferShapeFn(PD_INFER_SHAPE(BackwardWeightShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Float32));

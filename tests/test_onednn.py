@@ -1,0 +1,210 @@
+"""oneDNN convolution ops (paddlefsl.ops.onednn) against Paddle's conv2d and its gradients.
+
+The first test to need the ops builds them into the user cache (~20 s, once); later runs
+reuse it. Everything that needs the ops skips, with the reason, where they cannot be
+built (no compiler, no network for the headers, not an x86-64 Linux Paddle).
+"""
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from paddlefsl.ops import onednn
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if not onednn.available():
+        reason = f"oneDNN ops unavailable: {onednn.unavailable_reason()}"
+        print(reason)
+        pytest.skip(reason)
+    return onednn
+
+
+@pytest.fixture
+def threads_restored():
+    previous = onednn.get_threads()
+    yield
+    onednn.set_threads(previous)
+
+
+def close(got, want, what):
+    got, want = got.numpy().astype(np.float64), want.numpy().astype(np.float64)
+    assert got.shape == want.shape, what
+    error = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    assert error < 1e-4, f"{what}: max error {error:.2e} of the max magnitude"
+
+
+def reference(x, w, stride, padding):
+    """Paddle's conv2d and its two gradients for a random output gradient."""
+    x, w = x.detach(), w.detach()
+    x.stop_gradient = w.stop_gradient = False
+    y = F.conv2d(x, w, stride=stride, padding=padding)
+    dy = paddle.randn(y.shape)
+    dx, dw = paddle.grad([y], [x, w], [dy])
+    return y, dy, dx, dw
+
+
+# (N, C, H, W), O, kernel, stride, padding
+CASES = [
+    ((1, 1, 7, 7), 4, 3, 2, 1),  # one input channel, 7x7 -> 4x4
+    ((5, 64, 14, 14), 64, 3, 2, 1),
+    ((25, 64, 5, 5), 64, 3, 1, 1),
+    ((5, 3, 9, 9), 8, 3, 1, 0),
+    ((5, 64, 7, 7), 32, 3, 2, 0),  # 7x7 -> 3x3
+    ((1, 64, 6, 6), 1, 3, 2, 1),  # one output channel
+    ((2, 8, 5, 9), 16, 1, 1, 0),  # 1x1 kernel, non-square input
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, out_channels, k, stride, padding", CASES)
+def test_matches_paddle(ops, shape, out_channels, k, stride, padding, threads):
+    x = paddle.randn(shape)
+    w = paddle.randn([out_channels, shape[1], k, k]) * 0.1
+    y, dy, dx, dw = reference(x, w, stride, padding)
+    what = f"{shape} -> {out_channels}, k{k} s{stride} p{padding}, {threads} thread(s)"
+    close(ops.conv2d_forward(x, w, stride, padding, threads=threads), y, "forward " + what)
+    got_dx = ops.conv2d_backward_data(dy, w, stride, padding, shape[2:], threads=threads)
+    close(got_dx, dx, "backward_data " + what)
+    got_dw = ops.conv2d_backward_weight(x, dy, [stride] * 2, [padding] * 2, [k, k], threads)
+    close(got_dw, dw, "backward_weight " + what)
+
+
+def test_repeated_calls_reuse_the_cache(ops):
+    x, w = paddle.randn([5, 32, 11, 11]), paddle.randn([32, 32, 3, 3])
+    first = ops.conv2d_forward(x, w, 2, 1).numpy()
+    for _ in range(3):
+        np.testing.assert_array_equal(ops.conv2d_forward(x, w, 2, 1).numpy(), first)
+    # A different batch size is another cache entry; the first one still works.
+    ops.conv2d_forward(paddle.randn([3, 32, 11, 11]), w, 2, 1)
+    np.testing.assert_array_equal(ops.conv2d_forward(x, w, 2, 1).numpy(), first)
+
+
+def test_more_shapes_than_the_cache_holds(ops):
+    w = paddle.randn([8, 4, 3, 3])
+    for _ in range(2):
+        for n in range(1, 141):  # > 128 entries: the oldest are evicted, then rebuilt
+            x = paddle.randn([n, 4, 5, 5])
+            close(ops.conv2d_forward(x, w, 1, 1), F.conv2d(x, w, padding=1), f"batch {n}")
+
+
+def test_records_no_graph(ops):
+    x, w = paddle.randn([2, 4, 6, 6]), paddle.randn([4, 4, 3, 3])
+    x.stop_gradient = w.stop_gradient = False
+    assert ops.conv2d_forward(x, w, 1, 1).stop_gradient
+
+
+def test_non_contiguous_input(ops):
+    x = paddle.randn([3, 9, 8, 9]).transpose([0, 2, 1, 3])  # a strided view [3, 8, 9, 9]
+    w = paddle.randn([8, 8, 3, 3])
+    close(ops.conv2d_forward(x, w, 1, 1), F.conv2d(x, w, padding=1), "strided view")
+
+
+def test_empty_batch(ops):
+    x, w = paddle.randn([0, 4, 6, 6]), paddle.randn([8, 4, 3, 3])
+    assert ops.conv2d_forward(x, w, 1, 1).shape == [0, 8, 6, 6]
+    dw = ops.conv2d_backward_weight(x, paddle.randn([0, 8, 6, 6]), 1, 1, [3, 3])
+    assert dw.shape == [8, 4, 3, 3] and float(dw.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, dtype, strides, match",
+    [
+        ([2, 4, 6, 6], [8, 4, 3, 3], "float64", 1, "float32"),
+        ([2, 4, 6, 6], [8, 2, 3, 3], "float32", 1, "groups=1"),
+        ([4, 6, 6], [8, 4, 3, 3], "float32", 1, "4-D"),
+        ([2, 4, 6, 6], [8, 4, 3, 3], "float32", 0, "strides"),
+        ([2, 4, 2, 2], [8, 4, 5, 5], "float32", 1, "larger than the padded input"),
+    ],
+)
+def test_unsupported_input_is_a_clear_error(ops, x_shape, w_shape, dtype, strides, match):
+    x, w = paddle.randn(x_shape).astype(dtype), paddle.randn(w_shape).astype(dtype)
+    with pytest.raises(RuntimeError, match=match):
+        ops.conv2d_forward(x, w, strides, 0)
+
+
+def test_inconsistent_gradient_shapes_are_errors(ops):
+    dy, w = paddle.randn([2, 8, 3, 3]), paddle.randn([8, 4, 3, 3])
+    with pytest.raises(RuntimeError, match="input_hw"):
+        ops.conv2d_backward_data(dy, w, 2, 1, [9, 9])  # 9x9 gives 5x5, not 3x3
+    with pytest.raises(RuntimeError, match="kernel_hw"):
+        ops.conv2d_backward_weight(paddle.randn([2, 4, 6, 6]), dy, 2, 1, [5, 5])
+
+
+def test_two_threads_leave_paddle_thread_count_alone(ops, threads_restored):
+    iomp = ctypes.CDLL(str(Path(paddle.__file__).parent / "libs" / "libiomp5.so"))
+    before = iomp.omp_get_max_threads()
+    ops.set_threads(2)
+    x, w = paddle.randn([4, 16, 8, 8]), paddle.randn([16, 16, 3, 3])
+    y = ops.conv2d_forward(x, w, 1, 1)
+    assert iomp.omp_get_max_threads() == before
+    close(y, F.conv2d(x, w, padding=1), "2 threads via set_threads")
+    assert ops.get_threads() == 2
+
+
+def test_set_threads_validates(threads_restored):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            onednn.set_threads(bad)
+    onednn.set_threads(1)
+    assert onednn.get_threads() == 1
+
+
+_PROBE = textwrap.dedent(
+    """
+    import json, os, warnings
+    warnings.simplefilter("always")
+    from paddlefsl.ops import onednn
+    out = {"disabled": [onednn.available(), onednn.unavailable_reason()]}
+    del os.environ["PADDLEFSL_ONEDNN"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["include"] = [onednn.available(), onednn.unavailable_reason(), onednn.available()]
+    out["warnings"] = [str(w.message) for w in caught]
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """A fresh process with PADDLEFSL_ONEDNN=0, a bad header folder and an empty cache."""
+    tmp = tmp_path_factory.mktemp("onednn-probe")
+    env = dict(
+        os.environ,
+        PADDLEFSL_ONEDNN="0",
+        PADDLEFSL_ONEDNN_INCLUDE=str(tmp / "no-headers-here"),
+        PADDLEFSL_CACHE=str(tmp / "cache"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-2000:]
+    return json.loads(lines[-1][len("RESULT ") :]), tmp / "cache"
+
+
+def test_environment_switch_disables(probe):
+    result, _ = probe
+    available, reason = result["disabled"]
+    assert available is False and "PADDLEFSL_ONEDNN=0" in reason
+
+
+def test_bad_include_folder_is_reported(ops, probe):
+    # Needs a platform where the ops can work, so that the header folder is what fails.
+    result, cache = probe
+    first, reason, again = result["include"]
+    assert first is False and again is False
+    assert "PADDLEFSL_ONEDNN_INCLUDE" in reason and "no-headers-here" in reason
+    assert len(result["warnings"]) == 1 and "PADDLEFSL_ONEDNN_INCLUDE" in result["warnings"][0]
+    assert not cache.exists() or not any(cache.rglob("*.so"))  # nothing was built
