@@ -334,23 +334,23 @@ def _spawn_training(config: Any, progress: bool, resume: bool) -> int:
         while not context.join():
             pass
     except Exception:  # noqa: BLE001  (a worker exited non-zero)
-        codes = [p.exitcode for p in context.processes if p.exitcode]
-        killed = [
-            (rank, -p.exitcode)
-            for rank, p in enumerate(context.processes)
-            if p.exitcode and p.exitcode < 0
-        ]
+        codes = [p.exitcode for p in context.processes]
+        # spawn() stops the other processes with SIGTERM once one has exited non-zero, so
+        # a SIGTERM death is a consequence; any other signal (SIGKILL from the OOM killer,
+        # SIGSEGV) is a cause, and the killed process had no chance to say so itself.
+        killed = [(r, -c) for r, c in enumerate(codes) if c and c < 0 and -c != signal.SIGTERM]
         if killed:
-            # A process killed by a signal had no chance to say why; say it for it.
-            names = ", ".join(
-                f"process {rank} by {signal.Signals(num).name}" for rank, num in killed
-            )
+            names = ", ".join(f"process {r} by {signal.Signals(n).name}" for r, n in killed)
             print(
                 f"paddlefsl train: killed: {names}; the last checkpoint written is kept. "
                 f"Continue with: paddlefsl train --resume --output {config.output}",
                 file=sys.stderr,
             )
-        return max(codes, default=1) if all(c > 0 for c in codes) else 1
+            return 1
+        if codes[0] and codes[0] >= 128:
+            return codes[0]  # rank 0 was interrupted and has saved
+        failed = [code for code in codes if code]
+        return max(failed) if all(code > 0 for code in failed) else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
