@@ -53,6 +53,7 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
 
     from paddlefsl.metaopt import ANIL, MAML
     from paddlefsl.models import Conv4
+    from paddlefsl.ops import onednn
     from paddlefsl.runtime import tune_allocator, use_cores
 
     tune_allocator()  # as the paddlefsl CLI does
@@ -113,6 +114,9 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
         "nproc": world,
         "iters": iters,
         "threads": os.environ.get("OMP_NUM_THREADS"),
+        # oneDNN convolutions: their threads per process, or why they were off
+        "conv_threads": onednn.get_threads() if onednn.available() else None,
+        "onednn_off": onednn.unavailable_reason(),
     }
 
 
