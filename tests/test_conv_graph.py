@@ -127,3 +127,39 @@ def test_conv4_meta_gradient_through_the_fast_path(monkeypatch):
     assert calls, "the convolutions did not take the fast path"
     assert report.ok, str(report)
     assert abs(report.first_order - report.numeric) > 1e-3 * abs(report.numeric), str(report)
+
+
+@pytest.mark.parametrize(
+    "change, fast",
+    [
+        ({}, True),
+        ({"dtype": "float64"}, False),  # oneDNN has no float64 convolution
+        ({"channels": 3}, False),  # first layers stay native (memory-bound)
+        ({"fmt": "NHWC"}, False),
+        ({"groups": 2}, False),
+        ({"dilations": [2, 2]}, False),
+        ({"paddings": [1, 0, 1, 1]}, False),  # asymmetric
+        ({"paddings": [1, 1, 2, 2]}, True),  # symmetric, 4-value form
+        ({"algorithm": "SAME"}, False),
+    ],
+)
+def test_which_convolutions_take_the_fast_kernels(change, fast):
+    args = dict(dtype="float32", channels=16, fmt="NCHW", groups=1, dilations=[1, 1])
+    args.update(paddings=[1, 1], algorithm="EXPLICIT")
+    args.update(change)
+    x = paddle.randn([2, args["channels"], 8, 8]).astype(args["dtype"])
+    w = paddle.randn([4, args["channels"], 3, 3]).astype(args["dtype"])
+    geo = conv_ops._fast_geometry(
+        x,
+        w,
+        [1, 1],
+        args["paddings"],
+        args["algorithm"],
+        args["dilations"],
+        args["groups"],
+        args["fmt"],
+    )
+    assert (geo is not None) == fast
+    if fast:
+        assert geo.paddings == (args["paddings"][0], args["paddings"][-1])
+        assert geo.input_hw == (8, 8) and geo.kernel_hw == (3, 3)

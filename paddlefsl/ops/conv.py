@@ -73,6 +73,7 @@ def _fast_geometry(x, weight, strides, paddings, padding_algorithm, dilations, g
         or x.dtype not in FAST_DTYPES
         or weight.dtype != x.dtype
         or x.shape[1] < MIN_FAST_CHANNELS
+        or not x.place.is_cpu_place()  # the oneDNN kernels are CPU kernels
     ):
         return None
     pads = list(paddings)
