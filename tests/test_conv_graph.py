@@ -10,7 +10,7 @@ import paddle
 import pytest
 from paddle import nn
 
-from paddlefsl.metaopt import MAML, check_second_order
+from paddlefsl.metaopt import ANIL, MAML, check_second_order
 from paddlefsl.models import Conv4
 from paddlefsl.ops import conv as conv_ops
 from paddlefsl.ops.conv_graph import NATIVE_KERNELS, ConvGeometry, conv2d
@@ -163,3 +163,40 @@ def test_which_convolutions_take_the_fast_kernels(change, fast):
     if fast:
         assert geo.paddings == (args["paddings"][0], args["paddings"][-1])
         assert geo.input_hw == (8, 8) and geo.kernel_hw == (3, 3)
+
+
+def test_gradient_of_one_input_only():
+    """A paddle.grad asking for the filter alone (Paddle prunes the input's branch)."""
+    rng = np.random.default_rng(3)
+    x0, w0 = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
+    result = {}
+    for via_graph in (True, False):
+        x = paddle.to_tensor(x0, stop_gradient=False)
+        w = paddle.to_tensor(w0, stop_gradient=False)
+        if via_graph:
+            y = conv2d(x, w, ConvGeometry((1, 1), (1, 1), (6, 6), (3, 3)), NATIVE_KERNELS)
+        else:
+            y = nn.functional.conv2d(x, w, padding=1)
+        gx, gw = paddle.grad(y.square().sum(), [x, w], create_graph=True)
+        (hw,) = paddle.grad(gw.square().sum() + gx.square().sum(), [w])
+        (only_w,) = paddle.grad(y.sum(), [w])
+        result[via_graph] = (hw.numpy(), only_w.numpy())
+    for ours, ref in zip(result[True], result[False]):
+        np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_anil_with_a_convolutional_head_through_the_fast_path(monkeypatch):
+    """ANIL's inner step differentiates the head only; the features reach its conv."""
+    monkeypatch.setattr(conv_ops, "FAST_DTYPES", (paddle.float32, paddle.float64))
+    monkeypatch.setattr(conv_ops, "MIN_FAST_CHANNELS", 1)
+    monkeypatch.setattr(conv_ops, "_FAST", [NATIVE_KERNELS])
+    paddle.seed(0)
+    features = nn.Sequential(nn.Conv2D(2, 4, 3, padding=1), nn.BatchNorm2D(4), nn.ReLU())
+    head = nn.Sequential(nn.Conv2D(4, 3, 3), nn.AdaptiveAvgPool2D(1), nn.Flatten())
+    x, xq = paddle.randn([6, 2, 6, 6]), paddle.randn([6, 2, 6, 6])
+    y = paddle.to_tensor(np.arange(6) % 3)
+    report = check_second_order(
+        ANIL(features, head, lr=0.5), nn.CrossEntropyLoss(), (x, y), (xq, y), steps=2
+    )
+    assert report.ok, str(report)
+    assert abs(report.first_order - report.numeric) > 1e-3 * abs(report.numeric), str(report)

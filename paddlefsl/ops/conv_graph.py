@@ -7,8 +7,8 @@ three kernels: the forward ``F``, the input gradient ``D(dy, w)`` and the filter
     <F(x, w), dy> = <x, D(dy, w)> = <w, W(x, dy)>
 
 gives every vector-Jacobian product: ``D`` and ``W`` for ``F``; ``F(g, w)`` and
-``W(g, dy)`` for ``D``; ``D(dy, h)`` and ``F(x, h)`` for ``W``. One PyLayer built on
-that is exact to any order, whatever the kernels are: Paddle's own
+``W(g, dy)`` for ``D``; ``D(dy, h)`` and ``F(x, h)`` for ``W``. Graph nodes built on
+that are exact to any order, whatever the kernels are: Paddle's own
 (:data:`NATIVE_KERNELS`, also in float64, which the tests use against finite differences)
 or faster ones (:mod:`paddlefsl.ops.onednn`). Nothing here depends on which.
 """
@@ -20,7 +20,7 @@ from typing import Protocol
 
 import paddle
 
-from ._common import only_required, requires, tracks_grad
+from ._common import tracks_grad
 from ._registry import native
 
 __all__ = ["ConvGeometry", "ConvKernels", "NATIVE_KERNELS", "conv2d"]
@@ -84,10 +84,24 @@ NATIVE_KERNELS: ConvKernels = _NativeKernels()
 
 
 def _apply(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> Tensor:
-    """Run kernel ``op`` ("F", "D" or "W") on (a, b); recorded only if a gradient can flow."""
-    if tracks_grad(a, b):
-        return _Bilinear.apply(a, b, op, k, geo)
-    return _run(op, a, b, k, geo)
+    """Run kernel ``op`` ("F", "D" or "W") on (a, b), recording what a gradient can flow to.
+
+    Each graph node takes exactly one differentiable input. A ``paddle.grad`` that needs
+    only some inputs (ANIL's inner step reaches a head's convolution through features it
+    does not differentiate) prunes the others, and Paddle 3.3.1 rejects a PyLayer that
+    returns a gradient for a pruned input without telling it which ones were pruned. With
+    one input per node, a pruned input means a node that never runs. When both inputs need
+    a gradient, the value comes from the node of ``a`` and the node of ``b`` adds zeros.
+    """
+    need_a, need_b = tracks_grad(a), tracks_grad(b)
+    if not (need_a or need_b):
+        return _run(op, a, b, k, geo)
+    if not need_b:
+        return _OneInput.apply(a, _Held(b), 0, op, k, geo, True)
+    if not need_a:
+        return _OneInput.apply(b, _Held(a), 1, op, k, geo, True)
+    value = _OneInput.apply(a, _Held(b), 0, op, k, geo, True)
+    return value + _OneInput.apply(b, _Held(a), 1, op, k, geo, False)
 
 
 def _run(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> Tensor:
@@ -98,8 +112,20 @@ def _run(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> Te
     return k.backward_weight(a, b, geo)
 
 
-# For output = op(a, b) and an output gradient g: the kernels and argument orders giving
-# the gradients of a and b (see the module docstring).
+def _out_shape(op: str, a: Tensor, b: Tensor, geo: ConvGeometry) -> list[int]:
+    if op == "F":  # F(x, w): [N, O, OH, OW]
+        size = [
+            (n + 2 * p - kk) // s + 1
+            for n, p, kk, s in zip(geo.input_hw, geo.paddings, geo.kernel_hw, geo.strides)
+        ]
+        return [a.shape[0], b.shape[0], *size]
+    if op == "D":  # D(dy, w): the input's shape
+        return [a.shape[0], b.shape[1], *geo.input_hw]
+    return [b.shape[1], a.shape[1], *geo.kernel_hw]  # W(x, dy): the filter's shape
+
+
+# For output = op(a, b) and an output gradient g: the kernel and argument order giving the
+# gradient of a (index 0) and of b (index 1); see the module docstring.
 _VJP = {
     "F": (("D", "g", "b"), ("W", "a", "g")),  # y = F(x, w):   D(g, w),  W(x, g)
     "D": (("F", "g", "b"), ("W", "g", "a")),  # dx = D(dy, w): F(g, w),  W(g, dy)
@@ -107,24 +133,33 @@ _VJP = {
 }
 
 
-class _Bilinear(paddle.autograd.PyLayer):
-    """One of the three kernels as a graph node; its backward is the other two."""
+class _Held:
+    """The other operand, kept out of a PyLayer's inputs (a tensor there would be one)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+class _OneInput(paddle.autograd.PyLayer):
+    """``op(a, b)`` as a function of one operand; the other is held as it is (live)."""
 
     @staticmethod
-    def forward(ctx, a, b, op, kernels, geo):
-        ctx.save_for_backward(a, b)
-        ctx.op, ctx.kernels, ctx.geo, ctx.required = op, kernels, geo, requires(a, b)
-        return _run(op, a, b, kernels, geo)
+    def forward(ctx, operand, held, index, op, kernels, geo, emit_value):
+        ctx.held, ctx.index, ctx.op, ctx.kernels, ctx.geo = held, index, op, kernels, geo
+        a, b = (operand, held.tensor) if index == 0 else (held.tensor, operand)
+        if emit_value:
+            return _run(op, a, b, kernels, geo)
+        return paddle.zeros(_out_shape(op, a, b, geo), dtype=operand.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        a, b = ctx.saved_tensor()
-        named = {"a": a, "b": b, "g": g}
-        grads = [
-            _apply(op, named[first], named[second], ctx.kernels, ctx.geo) if needed else None
-            for (op, first, second), needed in zip(_VJP[ctx.op], ctx.required)
-        ]
-        return only_required(grads, ctx.required)
+        # The gradient of one operand needs only g and the other operand, which is live:
+        # under create_graph the result stays connected to it (the cross derivatives).
+        kernel, first, second = _VJP[ctx.op][ctx.index]
+        named = {"g": g, "a": ctx.held.tensor, "b": ctx.held.tensor}
+        return _apply(kernel, named[first], named[second], ctx.kernels, ctx.geo)
 
 
 def conv2d(x: Tensor, w: Tensor, geo: ConvGeometry, kernels: ConvKernels) -> Tensor:
