@@ -10,7 +10,7 @@
 // OpenMP team size for this call only (the caller's setting is restored afterwards, so
 // Paddle's own kernels keep their thread count).
 //
-// Built by paddlefsl/ops/onednn.py against oneDNN 3.6 headers and linked with the
+// Built by paddlefsl/ops/_onednn_build.py against oneDNN 3.6 headers and linked with the
 // libdnnl.so.3 and libiomp5.so that ship in the Paddle wheel. Only the stable v3 C++ API
 // is used (dnnl.hpp), as far as oneDNN 3.6.1 and 3.6.2 share it.
 //
