@@ -3,38 +3,11 @@ import sys
 import types
 
 import pytest
+from train_helpers import SINUSOID_TRAIN, cli_error
 
 from paddlefsl.cli import main
 
-SINUSOID = [
-    "train",
-    "--dataset",
-    "sinusoid",
-    "--iterations",
-    "4",
-    "--meta-batch-size",
-    "2",
-    "--eval-every",
-    "2",
-    "--checkpoint-every",
-    "2",
-    "--val-tasks",
-    "2",
-    "--hidden",
-    "8",
-    "--no-progress",
-]
-
-
-def _error(capsys, argv, code=2):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == code
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if "warn" not in line.lower()]
-    assert len(lines) == 1, err  # one line, no traceback
-    assert "Traceback" not in err
-    return lines[0]
+SINUSOID = SINUSOID_TRAIN
 
 
 @pytest.mark.parametrize(
@@ -52,14 +25,14 @@ def _error(capsys, argv, code=2):
 )
 def test_bad_options_exit_2_with_one_line(capsys, tmp_path, argv, expected):
     argv = argv + (["--output", str(tmp_path / "run")] if argv[:1] == ["train"] else [])
-    line = _error(capsys, argv)
+    line = cli_error(capsys, argv)
     assert line.startswith("paddlefsl")
     assert expected.replace("must be positive", "must be a positive number") in line
 
 
 def test_missing_data_says_what_is_expected(capsys, tmp_path):
     missing = tmp_path / "nowhere"
-    line = _error(
+    line = cli_error(
         capsys,
         [
             "train",
@@ -74,7 +47,7 @@ def test_missing_data_says_what_is_expected(capsys, tmp_path):
     assert "images_background.zip" in line and "docs/cli.md#data" in line
     empty = tmp_path / "empty"
     empty.mkdir()
-    line = _error(
+    line = cli_error(
         capsys,
         [
             "train",
@@ -96,11 +69,11 @@ def test_train_resume_eval_end_to_end(capsys, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["iterations"] == 4
 
     # Same folder again without --resume: refused, the run is kept.
-    line = _error(capsys, SINUSOID + ["--output", out])
+    line = cli_error(capsys, SINUSOID + ["--output", out])
     assert "--resume" in line
 
     # Resuming with a different weight-changing option names the fields.
-    line = _error(
+    line = cli_error(
         capsys, ["train", "--resume", "--output", out, "--inner-lr", "0.1", "--seed", "4"]
     )
     assert "inner_lr (saved 0.01, given 0.1)" in line and "seed" in line
@@ -123,7 +96,7 @@ def test_train_resume_eval_end_to_end(capsys, tmp_path):
 
 
 def test_eval_bad_checkpoint(capsys, tmp_path):
-    line = _error(capsys, ["eval", "--checkpoint", str(tmp_path)])
+    line = cli_error(capsys, ["eval", "--checkpoint", str(tmp_path)])
     assert "no checkpoint found" in line
 
 

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from train_helpers import SINUSOID_TRAIN, cli_error
 
 from paddlefsl.cli import main
 from paddlefsl.train import (
@@ -16,35 +17,8 @@ from paddlefsl.train import (
 from paddlefsl.train import checkpoint as ckpt_module
 from paddlefsl.train.builders import build_learner
 
-SINUSOID = [
-    "train",
-    "--dataset",
-    "sinusoid",
-    "--iterations",
-    "4",
-    "--meta-batch-size",
-    "2",
-    "--eval-every",
-    "2",
-    "--checkpoint-every",
-    "2",
-    "--val-tasks",
-    "2",
-    "--hidden",
-    "8",
-    "--no-progress",
-]
+SINUSOID = SINUSOID_TRAIN
 EVAL = ["--eval-tasks", "5", "--no-progress"]
-
-
-def _error(capsys, argv, code=2):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == code
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if "warn" not in line.lower()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture
@@ -175,7 +149,7 @@ def test_export_clears_machine_paths(tmp_path, capsys):
     restored = TrainConfig.from_dict(record["config"]).validate()
     assert restored.to_dict() == dict(config.to_dict(), data_root=None, output=None)
     # Evaluation then asks for the dataset folder.
-    line = _error(capsys, ["eval", "--checkpoint", str(tmp_path / "z"), "--no-progress"])
+    line = cli_error(capsys, ["eval", "--checkpoint", str(tmp_path / "z"), "--no-progress"])
     assert "--data-root is required" in line
 
 
@@ -200,7 +174,7 @@ def test_cli_export_then_eval_gives_the_same_result(capsys, tmp_path, other):
     # Exporting again the same weights refreshes the folder; other weights need --force.
     assert main(["export", "--checkpoint", str(run), "--output", str(out)]) == 0
     capsys.readouterr()
-    line = _error(capsys, ["export", "--checkpoint", str(other), "--output", str(out)])
+    line = cli_error(capsys, ["export", "--checkpoint", str(other), "--output", str(out)])
     assert line.startswith("paddlefsl export: error:") and "different export" in line
     assert "--force" in line and (out / "eval_test.json").is_file()
     assert main(["export", "--checkpoint", str(other), "--output", str(out), "--force"]) == 0
@@ -208,7 +182,7 @@ def test_cli_export_then_eval_gives_the_same_result(capsys, tmp_path, other):
     assert not (out / "eval_test.json").exists()
 
     (run / "checkpoints" / "best.json").write_text("{}")
-    line = _error(capsys, ["export", "--checkpoint", str(run), "--output", str(tmp_path / "x")])
+    line = cli_error(capsys, ["export", "--checkpoint", str(run), "--output", str(tmp_path / "x")])
     assert "not a paddlefsl checkpoint record" in line
-    line = _error(capsys, ["export", "--checkpoint", str(run)])
+    line = cli_error(capsys, ["export", "--checkpoint", str(run)])
     assert "--output" in line

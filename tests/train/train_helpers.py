@@ -10,6 +10,41 @@ from paddlefsl.train import MetaTrainer
 
 SIZE = 16
 
+# `paddlefsl train` on tiny sinusoid tasks: 4 iterations, checkpoints and validation every 2.
+SINUSOID_TRAIN = [
+    "train",
+    "--dataset",
+    "sinusoid",
+    "--iterations",
+    "4",
+    "--meta-batch-size",
+    "2",
+    "--eval-every",
+    "2",
+    "--checkpoint-every",
+    "2",
+    "--val-tasks",
+    "2",
+    "--hidden",
+    "8",
+    "--no-progress",
+]
+
+
+def cli_error(capsys, argv, code=2):
+    """Run the CLI, expect exit ``code`` and exactly one line on stderr; return that line."""
+    import pytest
+
+    from paddlefsl.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == code
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if "warn" not in line.lower()]
+    assert len(lines) == 1 and "Traceback" not in err, err  # one line, no traceback
+    return lines[0]
+
 
 def synthetic_classes(num_classes=20, per_class=10, size=SIZE, noise=0.3, seed=0):
     """Easy in-memory classes: a random binary pattern per class plus Gaussian noise."""
