@@ -160,6 +160,17 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_checkpoint_options(parser: argparse.ArgumentParser, sources: str, verb: str) -> None:
+    """--checkpoint (what it may name: ``sources``) and --which (which record of a folder)."""
+    parser.add_argument("--checkpoint", required=True, metavar="DIR_OR_FILE", help=sources)
+    parser.add_argument(
+        "--which",
+        choices=("best", "last"),
+        default="best",
+        help=f"checkpoint of a folder to {verb} (default best, else last)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``paddlefsl`` command."""
     parser = _Parser(
@@ -180,17 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mean accuracy (MSE for sinusoid) and 95% confidence "
         "interval on a fixed, seeded set of tasks.",
     )
-    ev.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR_OR_FILE",
-        help="run folder, its checkpoints/ folder, an export folder, a record .json or a .pdparams",
-    )
-    ev.add_argument(
-        "--which",
-        choices=("best", "last"),
-        default="best",
-        help="checkpoint of a folder to use (default best, else last)",
+    _add_checkpoint_options(
+        ev,
+        "run folder, its checkpoints/ folder, an export folder, a record .json or a .pdparams",
+        "use",
     )
     ev.add_argument("--split", choices=_SPLITS, default="test", help="default test")
     ev.add_argument("--eval-tasks", type=int, default=None, help="number of tasks (600)")
@@ -217,17 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "into a new folder, without the optimizer state, random states or local paths; "
         "'paddlefsl eval --checkpoint DIR --data-root ...' evaluates it.",
     )
-    ex.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="DIR_OR_FILE",
-        help="run folder, its checkpoints/ folder, a record .json or a .pdparams",
-    )
-    ex.add_argument(
-        "--which",
-        choices=("best", "last"),
-        default="best",
-        help="checkpoint of a folder to export (default best, else last)",
+    _add_checkpoint_options(
+        ex, "run folder, its checkpoints/ folder, a record .json or a .pdparams", "export"
     )
     ex.add_argument("--output", required=True, metavar="DIR", help="the export folder")
     ex.add_argument(

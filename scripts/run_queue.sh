@@ -36,19 +36,20 @@ for stage in $PLAN; do
     start=(--preset "$preset" --eval-every 1000 --val-tasks 200 --checkpoint-every 200)
   fi
   echo "$(date -Is) $stage: training (${start[0]})"
-  "${PADDLEFSL[@]}" train "${start[@]}" --iterations "$iterations" --output "$out" \
-    --data-root "$root" --nproc "$NPROC" --no-progress
-  rc=$?
   # A crashed process (exit 1 or a signal) resumes from the last checkpoint, a few times;
   # usage errors (2), a non-finite loss and interruptions (128+) stop the queue.
   tries=0
-  while [ $rc -ne 0 ] && [ $rc -ne 2 ] && [ $rc -lt 128 ] && [ $tries -lt "${RETRIES:-3}" ] \
-      && ! grep -q '"event": "non_finite"' "$out/metrics.jsonl" 2>/dev/null; do
-    tries=$((tries + 1))
-    echo "$(date -Is) $stage: train exited with $rc; resuming (retry $tries)"
-    "${PADDLEFSL[@]}" train --resume --iterations "$iterations" --output "$out" \
+  while :; do
+    "${PADDLEFSL[@]}" train "${start[@]}" --iterations "$iterations" --output "$out" \
       --data-root "$root" --nproc "$NPROC" --no-progress
     rc=$?
+    if [ $rc -eq 0 ] || [ $rc -eq 2 ] || [ $rc -ge 128 ] || [ $tries -ge "${RETRIES:-3}" ] \
+        || grep -q '"event": "non_finite"' "$out/metrics.jsonl" 2>/dev/null; then
+      break
+    fi
+    tries=$((tries + 1))
+    start=(--resume)
+    echo "$(date -Is) $stage: train exited with $rc; resuming (retry $tries)"
   done
   [ $rc -eq 0 ] || { echo "$(date -Is) $stage: train exited with $rc"; exit $rc; }
   mkdir -p "$evals"

@@ -55,7 +55,6 @@ def summarise(run: Path) -> dict | None:
         "hours": hours,
         "cpu_hours": hours * nproc,
         "nproc": nproc,
-        "its_per_sec": record["iteration"] / max(state.get("elapsed", 0.0), 1e-9),
         "best_val": best_val,
         "evals": _stage_evals(run),
     }

@@ -97,11 +97,11 @@ def _apply(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> 
     if not (need_a or need_b):
         return _run(op, a, b, k, geo)
     if not need_b:
-        return _OneInput.apply(a, _Held(b), 0, op, k, geo, True)
+        return _OneInput.apply(a, _Held(b), 0, op, k, geo, None)
     if not need_a:
-        return _OneInput.apply(b, _Held(a), 1, op, k, geo, True)
-    value = _OneInput.apply(a, _Held(b), 0, op, k, geo, True)
-    return value + _OneInput.apply(b, _Held(a), 1, op, k, geo, False)
+        return _OneInput.apply(b, _Held(a), 1, op, k, geo, None)
+    value = _OneInput.apply(a, _Held(b), 0, op, k, geo, None)
+    return value + _OneInput.apply(b, _Held(a), 1, op, k, geo, value.shape)
 
 
 def _run(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> Tensor:
@@ -110,18 +110,6 @@ def _run(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> Te
     if op == "D":
         return k.backward_data(a, b, geo)
     return k.backward_weight(a, b, geo)
-
-
-def _out_shape(op: str, a: Tensor, b: Tensor, geo: ConvGeometry) -> list[int]:
-    if op == "F":  # F(x, w): [N, O, OH, OW]
-        size = [
-            (n + 2 * p - kk) // s + 1
-            for n, p, kk, s in zip(geo.input_hw, geo.paddings, geo.kernel_hw, geo.strides)
-        ]
-        return [a.shape[0], b.shape[0], *size]
-    if op == "D":  # D(dy, w): the input's shape
-        return [a.shape[0], b.shape[1], *geo.input_hw]
-    return [b.shape[1], a.shape[1], *geo.kernel_hw]  # W(x, dy): the filter's shape
 
 
 # For output = op(a, b) and an output gradient g: the kernel and argument order giving the
@@ -146,12 +134,14 @@ class _OneInput(paddle.autograd.PyLayer):
     """``op(a, b)`` as a function of one operand; the other is held as it is (live)."""
 
     @staticmethod
-    def forward(ctx, operand, held, index, op, kernels, geo, emit_value):
+    def forward(ctx, operand, held, index, op, kernels, geo, zeros_shape):
+        # zeros_shape: this node only carries the gradient of its operand; the value
+        # (of that shape) comes from the other operand's node.
         ctx.held, ctx.index, ctx.op, ctx.kernels, ctx.geo = held, index, op, kernels, geo
+        if zeros_shape is not None:
+            return paddle.zeros(zeros_shape, dtype=operand.dtype)
         a, b = (operand, held.tensor) if index == 0 else (held.tensor, operand)
-        if emit_value:
-            return _run(op, a, b, kernels, geo)
-        return paddle.zeros(_out_shape(op, a, b, geo), dtype=operand.dtype)
+        return _run(op, a, b, kernels, geo)
 
     @staticmethod
     def backward(ctx, g):
