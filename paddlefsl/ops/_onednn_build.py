@@ -1,7 +1,8 @@
 """Building the oneDNN convolution ops of :mod:`paddlefsl.ops.onednn` (once per machine).
 
 The Paddle wheel contains ``libdnnl.so.3`` but not its C++ headers, so the library is
-built from ``_onednn_conv.cc`` the first time it is needed:
+built from ``_onednn_conv.cc`` (with ``_cpu_kernels.cc``, plain OpenMP loops for the
+memory-bound layers) the first time it is needed:
 
 1. the oneDNN 3.6 headers come from ``PADDLEFSL_ONEDNN_INCLUDE`` (a folder holding
    ``oneapi/dnnl/dnnl.hpp``), else from an installed ``onednn-devel`` wheel
@@ -11,7 +12,7 @@ built from ``_onednn_conv.cc`` the first time it is needed:
    the OpenMP, CPU-only build that Paddle ships (checked against ``dnnl_version()``);
 3. ``paddle.utils.cpp_extension.load`` compiles and links the ops against Paddle's
    ``libdnnl.so.3`` and ``libiomp5.so`` in a child process, which also checks the result
-   against ``paddle.nn.functional.conv2d``;
+   against ``paddle.nn.functional.conv2d`` and the other layers against Paddle's;
 4. the library is moved atomically into ``$PADDLEFSL_CACHE/onednn/<hash>`` (default
    ``~/.cache/paddlefsl/onednn/<hash>``), the hash covering the sources, flags, headers
    and the Paddle installation, under a file lock so concurrent processes build it once.
@@ -39,7 +40,15 @@ from pathlib import Path
 
 import paddle
 
-__all__ = ["ONEDNN_DEVEL", "OPS", "BuildError", "library_path", "paddle_libs"]
+__all__ = [
+    "ONEDNN_DEVEL",
+    "OPS",
+    "CONV_OPS",
+    "CPU_OPS",
+    "BuildError",
+    "library_path",
+    "paddle_libs",
+]
 
 #: The PyPI distribution the headers come from (oneDNN 3.6.1 headers; the Paddle 3.3.1
 #: wheel ships oneDNN 3.6.2, whose API is the same).
@@ -53,12 +62,25 @@ _WHEEL_HEADERS_DIGEST = "66551dbf59f81786d3c9247e3e72bde7c1bddb638e9a9f59dcf5cfd
 # Headers only: the platform tag merely has to match the file on PyPI, not this machine.
 _PIP_ARGS = ["--no-deps", "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64"]
 
-_SOURCE = Path(__file__).with_name("_onednn_conv.cc")
+# The oneDNN convolutions, and plain OpenMP loops for the memory-bound layers.
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("_onednn_conv.cc", "_cpu_kernels.cc"))
 _NAME = "paddlefsl_onednn_conv"
-OPS = ("onednn_conv2d_forward", "onednn_conv2d_backward_data", "onednn_conv2d_backward_weight")
-# No -march=native: the cache may be shared between machines, and the hot loops are
-# oneDNN's own jit code, which picks the instruction set at run time anyway.
-_CXXFLAGS = ["-O2"]
+CONV_OPS = ("onednn_conv2d_forward", "onednn_conv2d_backward_data", "onednn_conv2d_backward_weight")
+CPU_OPS = (
+    "pfsl_channel_bias_add",
+    "pfsl_channel_sum",
+    "pfsl_relu",
+    "pfsl_relu_backward",
+    "pfsl_batch_norm_train",
+    "pfsl_batch_norm_backward",
+    "pfsl_max_pool2d",
+    "pfsl_max_pool2d_backward",
+)
+OPS = CONV_OPS + CPU_OPS
+# No -march=native: the cache may be shared between machines; oneDNN's jit code picks the
+# instruction set at run time. -fopenmp compiles the loops of _cpu_kernels.cc against
+# Paddle's libiomp5 (linked below; it provides the GOMP entry points GCC emits).
+_CXXFLAGS = ["-O3", "-fopenmp"]
 _BUILD_FORMAT = 1  # bump to rebuild every cached library
 _BUILD_TIMEOUT = 1800.0
 _DNNL_RUNTIME_OMP = 2  # DNNL_RUNTIME_OMP in dnnl_config.h
@@ -86,11 +108,12 @@ def library_path() -> Path:
 
     """
     libs = _check_paddle()
-    if not _SOURCE.is_file():
-        raise BuildError(
-            f"{_SOURCE} is missing from this paddlefsl installation (package data not "
-            "installed); reinstall paddlefsl"
-        )
+    for source in _SOURCES:
+        if not source.is_file():
+            raise BuildError(
+                f"{source} is missing from this paddlefsl installation (package data not "
+                "installed); reinstall paddlefsl"
+            )
     lib_version = _library_version(libs)
     headers = _find_headers(lib_version)
     final = _cache_root() / _cache_key(libs, lib_version, headers)
@@ -332,7 +355,7 @@ def _cache_key(libs: Path, lib_version: tuple, headers: tuple[str, Path | None])
     include = headers[1]
     parts = {
         "format": _BUILD_FORMAT,
-        "source": hashlib.sha256(_SOURCE.read_bytes()).hexdigest(),
+        "source": [hashlib.sha256(path.read_bytes()).hexdigest() for path in _SOURCES],
         # What shapes the build besides the source (not the whole of this file, so that
         # editing a docstring does not cost a rebuild).
         "config": [_CONFIG_DEFINES, _CONFIG_DROP.pattern, _CHILD],
@@ -426,7 +449,19 @@ x, w = x.detach(), w.detach()
 got = [ops.onednn_conv2d_forward(x, w, [2, 2], [1, 1], 1),
        ops.onednn_conv2d_backward_data(dy, w, [2, 2], [1, 1], [9, 9], 1),
        ops.onednn_conv2d_backward_weight(x, dy, [2, 2], [1, 1], [3, 3], 1)]
-for name, a_, b_ in zip(("forward", "backward_data", "backward_weight"), got, (y, dx, dw)):
+want = [y, dx, dw]
+# The memory-bound layers against Paddle's own kernels.
+F = paddle.nn.functional
+x = paddle.randn([4, 8, 6, 6]); b = paddle.rand([8]) + 0.5
+got += [ops.pfsl_channel_bias_add(x, b, 2), ops.pfsl_channel_sum(x, 2), ops.pfsl_relu(x, 2),
+        ops.pfsl_batch_norm_train(x, b, b, paddle.zeros([8]), paddle.ones([8]), 0.9, 1e-5, 2)[0],
+        ops.pfsl_max_pool2d(x, [2, 2], [2, 2], [0, 0], 2)[0]]
+want += [x + b.reshape([1, 8, 1, 1]), x.sum([0, 2, 3]), F.relu(x),
+         F.batch_norm(x, paddle.zeros([8]), paddle.ones([8]), b, b, training=True),
+         F.max_pool2d(x, 2, 2)]
+names = ("forward", "backward_data", "backward_weight", "channel_bias_add", "channel_sum",
+         "relu", "batch_norm_train", "max_pool2d")
+for name, a_, b_ in zip(names, got, want):
     a_, b_ = a_.numpy(), b_.numpy()
     err = float(np.abs(a_ - b_).max() / np.abs(b_).max())
     if a_.shape != b_.shape or not err < 1e-4:
@@ -465,12 +500,13 @@ def _build(root: Path, final: Path, libs: Path, headers: tuple) -> None:
         else:
             _copy_headers(source_include, include)
         _write_config(include)
-        source = work / _SOURCE.name
-        shutil.copyfile(_SOURCE, source)
+        sources = [work / path.name for path in _SOURCES]
+        for path, copy in zip(_SOURCES, sources):
+            shutil.copyfile(path, copy)
         (work / "build").mkdir()
         args = {
             "name": _NAME,
-            "sources": [str(source)],
+            "sources": [str(source) for source in sources],
             "include": [str(include)],
             "cxxflags": _CXXFLAGS,
             "ldflags": _ldflags(libs),

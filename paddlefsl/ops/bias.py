@@ -1,9 +1,11 @@
 """Per-channel bias addition (``conv(x) + b.reshape([1, C, 1, 1])``).
 
 Paddle's CPU kernel for this broadcast is about 8x slower than a plain elementwise add,
-and its backward slower still; every conv layer with a bias pays it twice per pass. The
-same sum computed as ``[N*C, H*W] + [N*C, 1]`` hits the fast broadcast path, and the
-backward is an identity plus one reduction, exact under ``create_graph`` too.
+and its backward slower still; every conv layer with a bias pays it twice per pass. For
+float32 on the CPU the multi-threaded kernels of :mod:`paddlefsl.ops.cpu_kernels` do the
+add and the bias gradient (a per-channel sum); otherwise the same sum is computed as
+``[N*C, H*W] + [N*C, 1]``, Paddle's fast broadcast path. The backward is an identity plus
+one reduction, exact under ``create_graph`` too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections.abc import Callable
 
 import paddle
 
-from ._common import only_required, reduce_axes, requires, tracks_grad
+from . import cpu_kernels
+from ._common import creating_graph, only_required, reduce_axes, requires, tracks_grad
 from ._registry import register
 
 # Below this many elements the PyLayer's Python overhead costs more than it saves.
@@ -34,6 +37,8 @@ def _is_channel_bias(x, y) -> bool:
 
 
 def _fast_forward(x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
+    if cpu_kernels.usable(x, y):
+        return cpu_kernels.channel_bias_add(x, y)
     n, c = x.shape[0], x.shape[1]
     rows = y.reshape([1, c]).tile([n, 1]).reshape([n * c, 1])
     return paddle.add(x.reshape([n * c, -1]), rows).reshape(x.shape)
@@ -44,11 +49,16 @@ class _ChannelBias(paddle.autograd.PyLayer):
     def forward(ctx, x, y):
         ctx.required = requires(x, y)
         ctx.axes = reduce_axes(x.ndim, 1)
+        ctx.bias_shape = y.shape
         return _fast_forward(x, y)
 
     @staticmethod
     def backward(ctx, dy):
-        return only_required((dy, dy.sum(ctx.axes, keepdim=True)), ctx.required)
+        if not creating_graph() and ctx.required[1] and cpu_kernels.usable(dy):
+            dbias = cpu_kernels.channel_sum(dy).reshape(ctx.bias_shape)
+        else:
+            dbias = dy.sum(ctx.axes, keepdim=True)
+        return only_required((dy, dbias), ctx.required)
 
 
 @register("add")

@@ -15,6 +15,7 @@ from typing import Any
 
 import paddle
 
+from . import cpu_kernels
 from ._common import creating_graph, only_required, plain_call, requires, tracks_grad
 from ._registry import native, register
 
@@ -40,6 +41,22 @@ class _BatchNormCall:
         # Mirrors the CPU kernel: test mode uses the running statistics unless
         # ``trainable_statistics`` asks for batch statistics.
         return (self.is_test and not self.trainable_statistics) or self.use_global_stats
+
+    def fast(self, x, weight, bias) -> bool:
+        """Whether :mod:`cpu_kernels` can run it.
+
+        That is: training with batch statistics, channel first, an affine weight and bias,
+        everything float32 on the CPU.
+        """
+        return (
+            not self.is_test
+            and not self.use_global_stats
+            and self.data_format not in _CHANNEL_LAST
+            and x.ndim >= 2
+            and weight is not None
+            and bias is not None
+            and cpu_kernels.usable(x, weight, bias, self.running_mean, self.running_var)
+        )
 
 
 def _normalized_grads(x, dy, weight, axes, epsilon, mean=None, var=None):
@@ -114,6 +131,19 @@ def _batch_stats_grads(x, dy, weight, call):
 class _BatchNorm(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, x, weight, bias, call: _BatchNormCall):
+        ctx.call = call
+        ctx.required = requires(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.statistics = None
+        if call.fast(x, weight, bias):
+            y, mean, inv_std = cpu_kernels.batch_norm_train(
+                x, weight, bias, call.running_mean, call.running_var, call.momentum, call.epsilon
+            )
+            # Paddle's outputs: y, the running statistics (updated in place), the batch
+            # mean and 1/sqrt(var + eps), and a reserve space (unused on CPU).
+            call.outputs = (None, call.running_mean, call.running_var, mean, inv_std, None)
+            ctx.statistics = (mean, inv_std)
+            return y
         outputs = native("batch_norm")(
             x,
             call.running_mean,
@@ -129,16 +159,16 @@ class _BatchNorm(paddle.autograd.PyLayer):
         )
         # Not outputs[0]: that tensor becomes this PyLayer's output, and keeping it here leaks.
         call.outputs = (None, *outputs[1:])
-        ctx.call = call
-        ctx.required = requires(x, weight, bias)
-        ctx.save_for_backward(x, weight, bias)
         return outputs[0]
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensor()
         call: _BatchNormCall = ctx.call
-        if not creating_graph():
+        if not creating_graph() and ctx.statistics is not None and cpu_kernels.usable(dy):
+            grads = cpu_kernels.batch_norm_backward(x, dy, weight, *ctx.statistics)
+            return only_required(grads, ctx.required)
+        if not creating_graph() and ctx.statistics is None:
             _, mean_out, var_out, saved_mean, saved_var, reserve = call.outputs
             grads = native("batch_norm_grad")(
                 x,

@@ -277,6 +277,14 @@ def _pair(value: int | Sequence[int], name: str) -> list[int]:
 def _call(
     op: str, a: paddle.Tensor, b: paddle.Tensor, attrs: list[list[int]], threads: int | None
 ) -> paddle.Tensor:
+    return run_op(op, a, b, *attrs, threads=threads)[0]
+
+
+def run_op(op: str, *args, threads: int | None = None) -> list[paddle.Tensor]:
+    """Run one raw op of the library (inputs, then attributes; the thread count last).
+
+    For the wrappers in this package (:mod:`paddlefsl.ops.cpu_kernels` uses it too).
+    """
     if _run_custom_op is None and not available():
         raise RuntimeError(f"paddlefsl oneDNN ops unavailable: {unavailable_reason()}")
     threads = _threads if threads is None else int(threads)
@@ -285,7 +293,7 @@ def _call(
     # The ops have no grad op, so Paddle records no backward node for them: the output
     # has stop_gradient=True even when an input requires grad.
     try:
-        return _run_custom_op(op, a, b, *attrs, threads)[0]  # the op's output list
+        return _run_custom_op(op, *args, threads)  # the op's output list
     except OSError as error:  # Paddle's type for a custom op's PD_CHECK; keep the message
         message = str(error).strip().splitlines()
         raise RuntimeError(message[0] if message else op) from error

@@ -1,4 +1,8 @@
-"""Max pooling: Paddle's pool grad-grad kernel supports average pooling only."""
+"""Max pooling: Paddle's pool grad-grad kernel supports average pooling only.
+
+Float32 CPU pooling in floor mode runs on the multi-threaded kernels of
+:mod:`paddlefsl.ops.cpu_kernels` (same indices as Paddle's ``max_pool2d_with_index``).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,32 @@ from collections.abc import Callable
 
 import paddle
 
+from . import cpu_kernels
 from ._common import creating_graph, plain_call, tracks_grad
 from ._registry import native, register
+
+
+def _pair(value) -> list[int] | None:
+    values = [int(value)] * 2 if isinstance(value, int) else [int(v) for v in value]
+    return values if len(values) == 2 else None
+
+
+def _kernel_geometry(x: paddle.Tensor, attrs: tuple) -> tuple | None:
+    """``(kernel, strides, paddings)`` when :mod:`cpu_kernels` can pool ``x``, else None."""
+    kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode = attrs
+    if global_pooling or adaptive or ceil_mode or x.ndim != 4:
+        return None
+    kernel, stride = _pair(kernel_size), _pair(strides)
+    pads = [int(p) for p in ([paddings] * 2 if isinstance(paddings, int) else paddings)]
+    if len(pads) == 4 and pads[0] == pads[1] and pads[2] == pads[3]:
+        pads = [pads[0], pads[2]]  # [top, bottom, left, right], symmetric
+    if kernel is None or stride is None or len(pads) != 2:
+        return None
+    if min(stride) < 1 or min(pads) < 0 or pads[0] >= kernel[0] or pads[1] >= kernel[1]:
+        return None
+    if x.shape[2] + 2 * pads[0] < kernel[0] or x.shape[3] + 2 * pads[1] < kernel[1]:
+        return None
+    return (kernel, stride, pads) if cpu_kernels.usable(x) else None
 
 
 def _scatter_to_input(x: paddle.Tensor, index: paddle.Tensor, dy: paddle.Tensor) -> paddle.Tensor:
@@ -26,18 +54,25 @@ def _scatter_to_input(x: paddle.Tensor, index: paddle.Tensor, dy: paddle.Tensor)
 class _MaxPool2dWithIndex(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, x, attrs, holder: list):
-        out, index = native("max_pool2d_with_index")(x, *attrs)
+        geometry = _kernel_geometry(x, attrs)
+        if geometry is not None:
+            out, index = cpu_kernels.max_pool2d(x, *geometry)
+        else:
+            out, index = native("max_pool2d_with_index")(x, *attrs)
         holder.append(index)
         ctx.save_for_backward(x, index)
         ctx.attrs = attrs
+        ctx.fast = geometry is not None
         return out
 
     @staticmethod
     def backward(ctx, dy):
         x, index = ctx.saved_tensor()
-        if not creating_graph():
-            return native("max_pool2d_with_index_grad")(x, index, dy, *ctx.attrs)
-        return _scatter_to_input(x, index, dy)
+        if creating_graph():
+            return _scatter_to_input(x, index, dy)
+        if ctx.fast and cpu_kernels.usable(dy):
+            return cpu_kernels.max_pool2d_backward(index, dy, x.shape[2:])
+        return native("max_pool2d_with_index_grad")(x, index, dy, *ctx.attrs)
 
 
 @register("pool2d")

@@ -1,0 +1,195 @@
+"""Multi-threaded CPU kernels (paddlefsl.ops.cpu_kernels) against Paddle's own kernels.
+
+Each raw kernel is compared with Paddle's op on shapes that exercise remainders, one and
+two threads; then the op replacements that route float32 CPU tensors to them are checked
+end to end: a float32 meta-gradient (first and second order) with the kernels on equals
+the one with them off (``PADDLEFSL_CPU_KERNELS=0``), and the kernels never run for what
+they cannot take. Skips where the library cannot be built (see test_onednn.py).
+"""
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from paddlefsl import ops as fsl_ops
+from paddlefsl.metaopt import ANIL, MAML
+from paddlefsl.models import Conv4
+from paddlefsl.ops import cpu_kernels, onednn
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not cpu_kernels.usable(paddle.zeros([1])):
+        pytest.skip(f"CPU kernels unavailable: {onednn.unavailable_reason()}")
+    return cpu_kernels
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    previous = onednn.get_threads()
+    onednn.set_threads(request.param)
+    yield request.param
+    onednn.set_threads(previous)
+
+
+def close(got, want, what, tol=1e-5):
+    got = np.asarray(got.numpy(), np.float64)
+    want = np.asarray(want.numpy(), np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
+    error = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    assert error < tol, f"{what}: max error {error:.2e} of the max magnitude"
+
+
+# Large enough for the parallel branch (>= 64k elements), odd spatial sizes, and 2-D/3-D.
+SHAPES = [(3, 5, 7, 9), (75, 64, 14, 14), (6, 4, 11), (300, 8)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bias_relu_and_channel_sum_match_paddle(kernels, threads, shape):
+    paddle.seed(1)
+    x, b, dy = paddle.randn(shape), paddle.randn([shape[1]]), paddle.randn(shape)
+    broadcast = [1, shape[1]] + [1] * (len(shape) - 2)
+    close(kernels.channel_bias_add(x, b), x + b.reshape(broadcast), "bias add")
+    axes = [0] + list(range(2, len(shape)))
+    close(kernels.channel_sum(dy), dy.sum(axes), "channel sum")
+    y = F.relu(x)
+    close(kernels.relu(x), y, "relu")
+    close(kernels.relu_backward(y, dy), paddle._C_ops.relu_grad(y, dy), "relu backward")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_batch_norm_matches_paddle_including_running_statistics(kernels, threads, shape):
+    paddle.seed(2)
+    c = shape[1]
+    x = paddle.randn(shape) * 3 + 1
+    w, b = paddle.rand([c]) + 0.5, paddle.randn([c])
+    mean0, var0 = paddle.randn([c]), paddle.rand([c]) + 0.5
+    ours_mean, ours_var = mean0.clone(), var0.clone()
+    ref_mean, ref_var = mean0.clone(), var0.clone()
+    xr, wr, br = (t.clone() for t in (x, w, b))
+    for t in (xr, wr, br):
+        t.stop_gradient = False
+    fmt = {2: "NC", 3: "NCL", 4: "NCHW"}[len(shape)]
+    want = F.batch_norm(xr, ref_mean, ref_var, wr, br, True, 0.8, 1e-3, fmt)
+    y, mean, inv_std = kernels.batch_norm_train(x, w, b, ours_mean, ours_var, 0.8, 1e-3)
+    close(y, want, "batch norm output")
+    close(ours_mean, ref_mean, "running mean")
+    close(ours_var, ref_var, "running var")
+    dy = paddle.randn(shape)
+    gx, gw, gb = paddle.grad([want], [xr, wr, br], [dy])
+    dx, dw, db = kernels.batch_norm_backward(x, dy, w, mean, inv_std)
+    close(dx, gx, "dx", 1e-4)
+    close(dw, gw, "dweight", 1e-4)
+    close(db, gb, "dbias")
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding",
+    [((2, 3, 8, 8), 2, 2, 0), ((75, 64, 28, 28), 2, 2, 0), ((2, 3, 9, 7), 3, 2, 1)],
+    ids=str,
+)
+def test_max_pool_matches_paddle_indices_and_gradient(
+    kernels, threads, shape, kernel, stride, padding
+):
+    paddle.seed(3)
+    x = paddle.randn(shape)
+    x = paddle.where(x > 1.0, paddle.zeros_like(x), x)  # ties: the first maximum wins
+    xr = x.clone()
+    xr.stop_gradient = False
+    want, mask = F.max_pool2d(xr, kernel, stride, padding, return_mask=True)
+    pair = [kernel, kernel]
+    y, index = kernels.max_pool2d(x, pair, [stride, stride], [padding, padding])
+    close(y, want, "pooled")
+    assert (index.numpy() == mask.numpy()).all(), "indices differ from Paddle's"
+    dy = paddle.randn(want.shape)
+    (gx,) = paddle.grad([want], [xr], [dy])
+    close(kernels.max_pool2d_backward(index, dy, shape[2:]), gx, "pool backward")
+
+
+def test_bad_input_names_the_problem(kernels):
+    with pytest.raises(RuntimeError, match="one entry per channel"):
+        kernels.channel_bias_add(paddle.zeros([2, 3, 4]), paddle.zeros([4]))
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.relu(paddle.zeros([4], dtype="float64"))
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        kernels.max_pool2d(paddle.zeros([1, 1, 2, 2]), [3, 3], [1, 1], [0, 0])
+
+
+def test_usable_only_for_float32_cpu_and_honours_the_switch(kernels, monkeypatch):
+    assert kernels.usable(paddle.zeros([2]))
+    assert not kernels.usable(paddle.zeros([2], dtype="float64"))
+    monkeypatch.setenv("PADDLEFSL_CPU_KERNELS", "0")
+    assert not kernels.usable(paddle.zeros([2]))
+
+
+# ---------------------------------------------------------------- through the learners
+
+
+def _meta_gradient(model_seed, learner_kind, first_order, pooling):
+    paddle.seed(model_seed)
+    model = Conv4(1, 5, 16, pooling, 28)
+    if learner_kind == "anil":
+        learner = ANIL(model.features, model.head, lr=0.4, first_order=first_order)
+    else:
+        learner = MAML(model, lr=0.4, first_order=first_order)
+    rng = np.random.default_rng(0)
+    xs = paddle.to_tensor(rng.standard_normal((10, 1, 28, 28)), "float32")
+    xq = paddle.to_tensor(rng.standard_normal((15, 1, 28, 28)), "float32")
+    ys = paddle.to_tensor(np.arange(10) % 5)
+    yq = paddle.to_tensor(np.arange(15) % 5)
+    loss_fn = paddle.nn.CrossEntropyLoss()
+    clone = learner.clone()
+    clone.adapt(loss_fn(clone(xs), ys))
+    params = [p for p in learner.parameters() if not p.stop_gradient]
+    grads = paddle.grad(loss_fn(clone(xq), yq), params, allow_unused=True)
+    buffers = [b.numpy().copy() for b in model.buffers()]
+    return [None if g is None else g.numpy() for g in grads], buffers
+
+
+@pytest.mark.parametrize("pooling", ["max", "stride"])
+@pytest.mark.parametrize(
+    "learner_kind, first_order",
+    [("maml", False), ("maml", True), ("anil", False)],
+    ids=["maml", "fomaml", "anil"],
+)
+def test_meta_gradient_is_the_same_with_the_kernels_off(
+    kernels, monkeypatch, learner_kind, first_order, pooling
+):
+    fsl_ops.install()
+    calls = []
+    for name in ("channel_bias_add", "relu", "batch_norm_train", "batch_norm_backward"):
+        original = getattr(cpu_kernels, name)
+
+        def spy(*args, _original=original, _name=name):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(cpu_kernels, name, spy)
+    on, on_buffers = _meta_gradient(0, learner_kind, first_order, pooling)
+    assert {"channel_bias_add", "relu", "batch_norm_train", "batch_norm_backward"} <= set(calls)
+    monkeypatch.setenv("PADDLEFSL_CPU_KERNELS", "0")
+    calls.clear()
+    off, off_buffers = _meta_gradient(0, learner_kind, first_order, pooling)
+    assert not calls, f"kernels ran although switched off: {sorted(set(calls))}"
+    assert len(on) == len(off)
+    # One scale for all: the conv biases before BatchNorm have a meta-gradient that is
+    # mathematically 0, so theirs is rounding noise on both sides.
+    scale = max(np.abs(b).max() for b in off if b is not None)
+    for i, (a, b) in enumerate(zip(on, off)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            assert np.abs(a - b).max() / scale < 1e-4, f"parameter {i}"
+    for a, b in zip(on_buffers, off_buffers):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_and_small_tensors_stay_on_paddle(kernels, monkeypatch):
+    fsl_ops.install()
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "relu", lambda *a: calls.append("relu"))
+    x = paddle.randn([4, 8, 5, 5]).astype("float64")
+    x.stop_gradient = False
+    F.relu(x)
+    F.relu(paddle.randn([2, 3]))  # below the size where the kernels pay
+    assert not calls
