@@ -167,7 +167,10 @@ def test_meta_gradient_is_the_same_with_the_kernels_off(
 
         monkeypatch.setattr(cpu_kernels, name, spy)
     on, on_buffers = _meta_gradient(0, learner_kind, first_order, pooling)
-    assert {"channel_bias_add", "relu", "batch_norm_train", "batch_norm_backward"} <= set(calls)
+    expected = {"channel_bias_add", "relu", "batch_norm_train", "batch_norm_backward"}
+    if learner_kind == "maml" and not first_order:
+        expected.discard("relu")  # under second order relu stays native (memory)
+    assert expected <= set(calls)
     monkeypatch.setenv("PADDLEFSL_CPU_KERNELS", "0")
     calls.clear()
     off, off_buffers = _meta_gradient(0, learner_kind, first_order, pooling)

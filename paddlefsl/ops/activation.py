@@ -9,7 +9,7 @@ import paddle
 
 from . import cpu_kernels
 from ._common import creating_graph, plain_call, tracks_grad
-from ._registry import native, register
+from ._registry import in_second_order_scope, native, register
 
 # Below this many elements the PyLayer's Python overhead costs more than the kernel saves.
 _MIN_FAST_ELEMENTS = 1 << 15
@@ -107,6 +107,9 @@ def _relu(native_fn: Callable) -> Callable:
     def relu(x, *args, **kwargs):
         fast = (
             isinstance(x, paddle.Tensor)  # not a static-graph value
+            # Paddle's relu has a double grad; under second order a PyLayer here keeps
+            # about 10% more memory alive (W2 MAML: 1180 MiB against 1064) for 7% of time.
+            and not in_second_order_scope()
             and plain_call(args, kwargs)
             and x.size >= _MIN_FAST_ELEMENTS
             and cpu_kernels.usable(x)
