@@ -55,6 +55,7 @@ def usable(*tensors: paddle.Tensor) -> bool:
 
     ``PADDLEFSL_CPU_KERNELS=0`` turns them off (the oneDNN convolutions stay on).
     Never raises; the first call may build the library (see :mod:`paddlefsl.ops.onednn`).
+    Called on every layer call, so it is kept to a few microseconds.
 
     Example:
         >>> import paddle
@@ -63,12 +64,27 @@ def usable(*tensors: paddle.Tensor) -> bool:
         False
 
     """
-    for t in tensors:
-        if t.dtype != paddle.float32 or not t.place.is_cpu_place():
-            return False
-    if os.environ.get(_ENV_SWITCH, "").strip().lower() in {"0", "false", "no", "off"}:
+    if os.environ.get(_ENV_SWITCH, "1").strip().lower() in _OFF or not onednn.available():
         return False
-    return onednn.available()
+    float32 = paddle.float32
+    if _cpu_only():  # every tensor is on the CPU: skip the (slower) place queries
+        return all(t.dtype == float32 for t in tensors)
+    return all(t.dtype == float32 and t.place.is_cpu_place() for t in tensors)
+
+
+_OFF = frozenset({"0", "false", "no", "off"})
+_CPU_ONLY: list[bool] = []
+
+
+def _cpu_only() -> bool:
+    if not _CPU_ONLY:
+        accelerators = (
+            paddle.is_compiled_with_cuda()
+            or paddle.is_compiled_with_xpu()
+            or bool(paddle.device.get_all_custom_device_type())
+        )
+        _CPU_ONLY.append(not accelerators)
+    return _CPU_ONLY[0]
 
 
 def channel_bias_add(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
