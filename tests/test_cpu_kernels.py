@@ -84,6 +84,20 @@ def test_batch_norm_matches_paddle_including_running_statistics(kernels, threads
     close(db, gb, "dbias")
 
 
+def test_batch_norm_statistics_keep_precision_far_from_zero(kernels):
+    """A large mean and a tiny spread: a naive one-pass variance would lose every digit."""
+    paddle.seed(5)
+    x = paddle.randn([64, 4, 9, 9]).astype("float64") * 0.01 + 1000.0
+    running = [paddle.zeros([4]), paddle.ones([4])]
+    w, b = paddle.ones([4]), paddle.zeros([4])
+    _, mean, inv_std = kernels.batch_norm_train(x.astype("float32"), w, b, *running, 0.9, 1e-8)
+    x32 = x.astype("float32").astype("float64").numpy()  # what the kernel saw
+    want_mean = x32.mean(axis=(0, 2, 3))
+    want_std = x32.std(axis=(0, 2, 3))
+    np.testing.assert_allclose(mean.numpy(), want_mean, rtol=1e-6)
+    np.testing.assert_allclose(1.0 / inv_std.numpy(), want_std, rtol=1e-3)
+
+
 @pytest.mark.parametrize(
     "shape, kernel, stride, padding",
     [((2, 3, 8, 8), 2, 2, 0), ((75, 64, 28, 28), 2, 2, 0), ((2, 3, 9, 7), 3, 2, 1)],
