@@ -1,0 +1,43 @@
+"""The benchmark scripts still run (one quick pass each); no timing is asserted here.
+
+Speed is measured by running the scripts on an idle machine (docs/benchmarks.md); these
+tests only keep them from rotting as the library changes.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import paddle
+import pytest
+
+from paddlefsl.ops import cpu_kernels, onednn
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=BENCHMARKS, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_learners_one_measurement_prints_a_result():
+    out = run("bench_learners.py", "--workload", "W1s", "--algo", "foanil", "--iters", "1")
+    line = [s for s in out.splitlines() if s.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT ") :])
+    assert result["workload"] == "W1s" and result["algo"] == "foanil"
+    assert result["median_s"] > 0 and result["peak_rss_mib"] > 0
+
+
+def test_bench_layers_quick_prints_every_layer():
+    if not cpu_kernels.usable(paddle.zeros([1])):
+        pytest.skip(f"CPU kernels unavailable: {onednn.unavailable_reason()}")
+    out = run("bench_layers.py", "--quick", "--json")
+    rows = [json.loads(s) for s in out.splitlines() if s.startswith("{")]
+    layers = {row["layer"] for row in rows}
+    assert {"bias add", "relu", "batch norm", "max pool fwd+bwd"} <= layers
+    assert all(row["ours_2t_ms"] > 0 and row["paddle_ms"] > 0 for row in rows)
