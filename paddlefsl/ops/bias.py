@@ -19,8 +19,11 @@ from . import cpu_kernels
 from ._common import creating_graph, only_required, reduce_axes, requires, tracks_grad
 from ._registry import register
 
-# Below this many elements the PyLayer's Python overhead costs more than it saves.
+# Below this many elements the PyLayer's Python overhead costs more than it saves: with
+# the CPU kernels (forward + backward, measured: 5,120 elements 90 us against Paddle's 132,
+# 1,280 elements 109 against 65), else with the [N*C, H*W] layout.
 _MIN_ELEMENTS = 1 << 15
+_MIN_KERNEL_ELEMENTS = 1 << 12
 
 
 def _is_channel_bias(x, y) -> bool:
@@ -29,11 +32,10 @@ def _is_channel_bias(x, y) -> bool:
     if x.ndim < 3 or y.ndim != x.ndim or x.dtype != y.dtype:
         return False
     y_shape, x_shape = y.shape, x.shape
-    return (
-        y_shape[1] == x_shape[1]
-        and all(d == 1 for i, d in enumerate(y_shape) if i != 1)
-        and math.prod(x_shape) >= _MIN_ELEMENTS
-    )
+    if y_shape[1] != x_shape[1] or any(d != 1 for i, d in enumerate(y_shape) if i != 1):
+        return False
+    size = math.prod(x_shape)
+    return size >= _MIN_ELEMENTS or (size >= _MIN_KERNEL_ELEMENTS and cpu_kernels.usable(x, y))
 
 
 def _fast_forward(x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
