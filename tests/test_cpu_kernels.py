@@ -210,3 +210,26 @@ def test_float64_and_small_tensors_stay_on_paddle(kernels, monkeypatch):
     F.relu(x)
     F.relu(paddle.randn([2, 3]))  # below the size where the kernels pay
     assert not calls
+
+
+def test_channel_bias_with_a_frozen_bias_matches_paddle(kernels, monkeypatch):
+    """The conv bias add's PyLayer when the bias needs no gradient (a frozen bias)."""
+    from paddlefsl.ops import bias as bias_ops
+
+    calls = []
+    original = bias_ops._ChannelBias.apply
+    monkeypatch.setattr(bias_ops._ChannelBias, "apply", lambda *a: calls.append(1) or original(*a))
+    paddle.seed(6)
+    conv = paddle.nn.Conv2D(16, 16, 3, padding=1)  # output 4x16x10x10: 6,400 elements
+    conv.bias.stop_gradient = True
+    x0, dy = paddle.randn([4, 16, 10, 10]), paddle.randn([4, 16, 10, 10])
+    results = []
+    for installed in (True, False):
+        fsl_ops.install() if installed else fsl_ops.uninstall()
+        x = x0.clone()
+        x.stop_gradient = False
+        results.append(paddle.grad([conv(x)], [x, conv.weight], [dy]))
+    fsl_ops.install()
+    assert calls, "the bias add did not take the replacement"
+    close(results[0][0], results[1][0], "input gradient", 1e-4)
+    close(results[0][1], results[1][1], "weight gradient", 1e-4)

@@ -56,7 +56,9 @@ class _ChannelBias(paddle.autograd.PyLayer):
 
     @staticmethod
     def backward(ctx, dy):
-        if not creating_graph() and ctx.required[1] and cpu_kernels.usable(dy):
+        if not ctx.required[1]:
+            dbias = None  # a bias that needs no gradient: skip the reduction
+        elif not creating_graph() and cpu_kernels.usable(dy):
             dbias = cpu_kernels.channel_sum(dy).reshape(ctx.bias_shape)
         else:
             dbias = dy.sum(ctx.axes, keepdim=True)
