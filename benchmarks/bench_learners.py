@@ -53,7 +53,7 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
 
     from paddlefsl.metaopt import ANIL, MAML
     from paddlefsl.models import Conv4
-    from paddlefsl.ops import onednn
+    from paddlefsl.ops import cpu_kernels, onednn
     from paddlefsl.runtime import tune_allocator, use_cores
 
     tune_allocator()  # as the paddlefsl CLI does
@@ -117,6 +117,8 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
         # oneDNN convolutions: their threads per process, or why they were off
         "conv_threads": onednn.get_threads() if onednn.available() else None,
         "onednn_off": onednn.unavailable_reason(),
+        # bias / ReLU / BatchNorm / max-pool on paddlefsl's CPU kernels (same thread count)
+        "cpu_kernels": cpu_kernels.usable(paddle.zeros([1])),
     }
 
 
