@@ -84,6 +84,39 @@ def test_batch_norm_matches_paddle_including_running_statistics(kernels, threads
     close(db, gb, "dbias")
 
 
+def test_batch_norm_against_the_closed_form_in_float64(kernels):
+    """Forward and backward against numpy's float64 closed form (independent of Paddle)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 5, 7, 3)) * 2 + 0.5
+    dy, w, b = rng.standard_normal(x.shape), rng.random(5) + 0.5, rng.standard_normal(5)
+    eps = 1e-3
+    axes, keep = (0, 2, 3), (1, 5, 1, 1)
+    mean, var = x.mean(axes), x.var(axes)
+    inv = 1 / np.sqrt(var + eps)
+    x_hat = (x - mean.reshape(keep)) * inv.reshape(keep)
+    want_y = x_hat * w.reshape(keep) + b.reshape(keep)
+    want_db, want_dw = dy.sum(axes), (dy * x_hat).sum(axes)
+    m = x.size / 5
+    want_dx = (w * inv).reshape(keep) * (
+        dy - (want_db / m).reshape(keep) - x_hat * (want_dw / m).reshape(keep)
+    )
+    f32 = [paddle.to_tensor(a, "float32") for a in (x, dy, w, b)]
+    y, got_mean, got_inv = kernels.batch_norm_train(
+        f32[0], f32[2], f32[3], paddle.zeros([5]), paddle.ones([5]), 0.9, eps
+    )
+    dx, dw, db = kernels.batch_norm_backward(f32[0], f32[1], f32[2], got_mean, got_inv)
+    for got, want, what in (
+        (y, want_y, "y"),
+        (got_mean, mean, "mean"),
+        (got_inv, inv, "inv_std"),
+        (dx, want_dx, "dx"),
+        (dw, want_dw, "dweight"),
+        (db, want_db, "dbias"),
+    ):
+        error = np.abs(got.numpy() - want).max() / np.abs(want).max()
+        assert error < 2e-6, f"{what}: {error:.1e}"
+
+
 def test_batch_norm_statistics_keep_precision_far_from_zero(kernels):
     """A large mean and a tiny spread: a naive one-pass variance would lose every digit."""
     paddle.seed(5)
