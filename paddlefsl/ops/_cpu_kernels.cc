@@ -71,7 +71,7 @@ int team(int threads, int64_t work) {
   return work < (int64_t{1} << 16) ? 1 : std::max(1, threads);
 }
 
-// Per channel c: sum over n and s of f(n, c, s), in double.
+// Runs body(c) for every channel, channels split over the OpenMP team.
 template <typename F>
 void per_channel(const Dims& d, int threads, F body) {
 #pragma omp parallel for num_threads(team(threads, d.n * d.c * d.s)) schedule(static)
@@ -401,12 +401,9 @@ int64_t pooled(int64_t in, int k, int s, int p) { return in < 0 ? -1 : (in + 2 *
 std::vector<Shape> SameShape(const Shape& x, const Shape&) { return {x}; }
 std::vector<Shape> OneShape(const Shape& x) { return {x}; }
 std::vector<Shape> ChannelShape(const Shape& x) { return {channels(x)}; }
-std::vector<Shape> BatchNormTrainShape(const Shape& x, const Shape&, const Shape&, const Shape&,
-                                       const Shape&) {
-  return {x, channels(x), channels(x)};
-}
-std::vector<Shape> BatchNormGradShape(const Shape& x, const Shape&, const Shape&, const Shape&,
-                                      const Shape&) {
+// Both BatchNorm ops: a tensor shaped like x, then two per-channel vectors.
+std::vector<Shape> XAndTwoChannelShapes(const Shape& x, const Shape&, const Shape&, const Shape&,
+                                        const Shape&) {
   return {x, channels(x), channels(x)};
 }
 std::vector<Shape> MaxPoolShape(const Shape& x, const std::vector<int>& k,
@@ -464,7 +461,7 @@ PD_BUILD_OP(pfsl_batch_norm_train)
     .Outputs({"Y", "Mean", "InvStd"})
     .Attrs({"momentum: float", "epsilon: float", "threads: int"})
     .SetKernelFn(PD_KERNEL(BatchNormTrain))
-    .SetInferShapeFn(PD_INFER_SHAPE(BatchNormTrainShape))
+    .SetInferShapeFn(PD_INFER_SHAPE(XAndTwoChannelShapes))
     .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of5));
 
 PD_BUILD_OP(pfsl_batch_norm_backward)
@@ -472,7 +469,7 @@ PD_BUILD_OP(pfsl_batch_norm_backward)
     .Outputs({"DX", "DW", "DB"})
     .Attrs({"threads: int"})
     .SetKernelFn(PD_KERNEL(BatchNormGrad))
-    .SetInferShapeFn(PD_INFER_SHAPE(BatchNormGradShape))
+    .SetInferShapeFn(PD_INFER_SHAPE(XAndTwoChannelShapes))
     .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of5));
 
 PD_BUILD_OP(pfsl_max_pool2d)

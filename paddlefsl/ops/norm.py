@@ -165,10 +165,11 @@ class _BatchNorm(paddle.autograd.PyLayer):
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensor()
         call: _BatchNormCall = ctx.call
-        if not creating_graph() and ctx.statistics is not None and cpu_kernels.usable(dy):
+        if not creating_graph() and ctx.statistics is not None:
+            # The forward ran on the CPU kernels; dy has its dtype and place.
             grads = cpu_kernels.batch_norm_backward(x, dy, weight, *ctx.statistics)
             return only_required(grads, ctx.required)
-        if not creating_graph() and ctx.statistics is None:
+        if not creating_graph():
             _, mean_out, var_out, saved_mean, saved_var, reserve = call.outputs
             grads = native("batch_norm_grad")(
                 x,
