@@ -117,6 +117,103 @@ def test_batch_norm_against_the_closed_form_in_float64(kernels):
         assert error < 2e-6, f"{what}: {error:.1e}"
 
 
+def _batch_norm_backward_float64(x, w, dy, eps):
+    """numpy's float64 first-order BatchNorm backward (dx, dw, db) for [N, C, S] input."""
+    axes = (0, 2)
+    mean = x.mean(axes, keepdims=True)
+    inv = 1 / np.sqrt(x.var(axes, keepdims=True) + eps)
+    x_hat = (x - mean) * inv
+    db, dw = dy.sum(axes), (dy * x_hat).sum(axes)
+    m = x.shape[0] * x.shape[2]
+    dx = (
+        w.reshape(1, -1, 1)
+        * inv
+        * (dy - db.reshape(1, -1, 1) / m - x_hat * dw.reshape(1, -1, 1) / m)
+    )
+    return dx, dw, db
+
+
+@pytest.mark.parametrize("present", range(8), ids=lambda p: f"mask{p}")
+def test_batch_norm_double_backward_against_float64_finite_differences(kernels, present):
+    """gx, gw, gdy of sum(ddx * dx) + ddw . dw + ddb . db, any upstream gradient absent."""
+    rng = np.random.default_rng(11)
+    eps = 1e-3
+    x = rng.standard_normal((4, 3, 5)) * 1.5 + 0.7
+    dy, ddx = rng.standard_normal(x.shape), rng.standard_normal(x.shape)
+    w, ddw, ddb = rng.random(3) + 0.5, rng.standard_normal(3), rng.standard_normal(3)
+    ddx, ddw, ddb = (v if present & bit else None for v, bit in ((ddx, 1), (ddw, 2), (ddb, 4)))
+
+    def objective(x_, w_, dy_):
+        dx, dw, db = _batch_norm_backward_float64(x_, w_, dy_, eps)
+        total = 0.0 if ddx is None else (ddx * dx).sum()
+        total += 0.0 if ddw is None else ddw @ dw
+        return total + (0.0 if ddb is None else ddb @ db)
+
+    def numeric(which):
+        args, h = [x, w, dy], 1e-6
+        out = np.zeros_like(args[which])
+        for i in np.ndindex(out.shape):
+            plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+            plus[which][i] += h
+            minus[which][i] -= h
+            out[i] = (objective(*plus) - objective(*minus)) / (2 * h)
+        return out
+
+    f32 = lambda a: None if a is None else paddle.to_tensor(a, "float32")  # noqa: E731
+    mean = x.mean((0, 2))
+    inv = 1 / np.sqrt(x.var((0, 2)) + eps)
+    got = kernels.batch_norm_double_backward(
+        f32(x), f32(dy), f32(w), f32(mean), f32(inv), f32(ddx), f32(ddw), f32(ddb)
+    )
+    for value, which, what in zip(got, (0, 1, 2), ("gx", "gweight", "gdy")):
+        want = numeric(which)
+        error = np.abs(value.numpy() - want).max() / max(np.abs(want).max(), 1e-3)
+        assert error < 1e-5, f"{what} (present={present}): {error:.1e}"
+    if present == 0:
+        assert all(not np.any(v.numpy()) for v in got)
+
+
+def _second_and_third_order(seed):
+    """Gradients of a network with BatchNorm to third order (create_graph twice)."""
+    paddle.seed(seed)
+    net = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 8, 3, bias_attr=False),
+        paddle.nn.BatchNorm2D(8),
+        paddle.nn.Tanh(),
+        paddle.nn.Flatten(),
+        paddle.nn.Linear(8 * 36, 2),
+    )
+    params = [p for p in net.parameters() if not p.stop_gradient]
+    y = net(paddle.randn([4, 3, 8, 8]))
+    first = paddle.grad((y * y).mean(), params, create_graph=True)
+    second = paddle.grad(sum((g * g).sum() for g in first), params, create_graph=True)
+    third = paddle.grad(sum((g * g).sum() for g in second), params)
+    return [[g.numpy() for g in gs] for gs in (first, second, third)]
+
+
+def test_second_and_third_order_through_batch_norm_match_the_formula(kernels, monkeypatch):
+    """The fused double backward (second order) and its differentiable closed form (third
+    order) against the op-by-op formula that runs with the kernels off."""
+    fsl_ops.install()
+    calls = []
+    original = cpu_kernels.batch_norm_double_backward
+    monkeypatch.setattr(
+        cpu_kernels,
+        "batch_norm_double_backward",
+        lambda *a: calls.append(1) or original(*a),
+    )
+    on = _second_and_third_order(3)
+    assert calls, "the fused double backward never ran"
+    monkeypatch.setenv("PADDLEFSL_CPU_KERNELS", "0")
+    calls.clear()
+    off = _second_and_third_order(3)
+    assert not calls
+    for order, (got, want) in enumerate(zip(on, off), start=1):
+        for i, (a, b) in enumerate(zip(got, want)):
+            error = np.abs(a - b).max() / np.abs(b).max()
+            assert error < 1e-5, f"order {order}, parameter {i}: {error:.1e}"
+
+
 def test_batch_norm_statistics_keep_precision_far_from_zero(kernels):
     """A large mean and a tiny spread: a naive one-pass variance would lose every digit."""
     paddle.seed(5)
@@ -205,7 +302,14 @@ def test_meta_gradient_is_the_same_with_the_kernels_off(
 ):
     fsl_ops.install()
     calls = []
-    for name in ("channel_bias_add", "relu", "batch_norm_train", "batch_norm_backward"):
+    watched = (
+        "channel_bias_add",
+        "relu",
+        "batch_norm_train",
+        "batch_norm_backward",
+        "batch_norm_double_backward",
+    )
+    for name in watched:
         original = getattr(cpu_kernels, name)
 
         def spy(*args, _original=original, _name=name):
@@ -217,6 +321,7 @@ def test_meta_gradient_is_the_same_with_the_kernels_off(
     expected = {"channel_bias_add", "relu", "batch_norm_train", "batch_norm_backward"}
     if learner_kind == "maml" and not first_order:
         expected.discard("relu")  # under second order relu stays native (memory)
+        expected.add("batch_norm_double_backward")
     assert expected <= set(calls)
     monkeypatch.setenv("PADDLEFSL_CPU_KERNELS", "0")
     calls.clear()

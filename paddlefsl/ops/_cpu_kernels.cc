@@ -289,6 +289,133 @@ std::vector<paddle::Tensor> BatchNormGrad(const paddle::Tensor& x_in, const padd
   return {dx, dw, db};
 }
 
+// Double backward of train-mode BatchNorm: the vector-Jacobian product of
+// (dx, dw, db) = BatchNormGrad(x, dy, w) with upstream gradients (ddx, ddw, ddb), i.e. the
+// gradients of  sum(ddx * dx) + ddw . dw + ddb . db  with respect to x, w and dy, with the
+// dependence of the batch statistics on x included. Per channel, with M elements,
+// x_hat = (x - mean) * r, s = sum dy * x_hat, q = dy - mean(dy) - x_hat * s / M,
+// C = sum ddx, B = sum ddx * x_hat, A = sum ddx * dy - C * mean(dy):
+//   gw  = r * (A - s * B / M)
+//   gx  = ddw * r * q + w * r^2 / M * (s * C / M - A * x_hat - s * ddx
+//                                      + 2 * s * B / M * x_hat - B * q)
+//   gdy = ddb + ddw * x_hat + w * r * (ddx - C / M - x_hat * B / M)
+// `present` says which upstream gradients exist (bit 0: ddx, 1: ddw, 2: ddb); a missing one
+// is zero and its tensor argument is not read (any float32 tensor may stand in for it).
+std::vector<paddle::Tensor> BatchNormDoubleGrad(
+    const paddle::Tensor& x_in, const paddle::Tensor& dy_in, const paddle::Tensor& w,
+    const paddle::Tensor& mean, const paddle::Tensor& inv_std, const paddle::Tensor& ddx_in,
+    const paddle::Tensor& ddw, const paddle::Tensor& ddb, int present, int threads) {
+  const char* op = "pfsl_batch_norm_double_backward";
+  const Dims d = channel_dims(op, x_in);
+  check_same(op, "dy", dy_in, x_in);
+  check_vector(op, "weight", w, d.c);
+  check_vector(op, "mean", mean, d.c);
+  check_vector(op, "inv_std", inv_std, d.c);
+  PD_CHECK(present >= 0 && present <= 7, op, ": present must be a 3-bit mask, got ", present);
+  const bool has_ddx = present & 1, has_ddw = present & 2, has_ddb = present & 4;
+  if (has_ddx) check_same(op, "ddx", ddx_in, x_in);
+  if (has_ddw) check_vector(op, "ddw", ddw, d.c);
+  if (has_ddb) check_vector(op, "ddb", ddb, d.c);
+  const auto x = contiguous(x_in);
+  const auto dy = contiguous(dy_in);
+  const auto ddx = has_ddx ? contiguous(ddx_in) : x;  // never read when absent
+  auto gx = new_like(x);
+  auto gw = empty_vector(d.c);
+  auto gdy = new_like(x);
+  const float* xp = x.data<float>();
+  const float* gp = dy.data<float>();
+  const float* hp = ddx.data<float>();
+  const float* wp = w.data<float>();
+  const float* mp = mean.data<float>();
+  const float* ip = inv_std.data<float>();
+  const float* ddwp = has_ddw ? ddw.data<float>() : nullptr;
+  const float* ddbp = has_ddb ? ddb.data<float>() : nullptr;
+  float* gxp = gx.data<float>();
+  float* gwp = gw.data<float>();
+  float* gdyp = gdy.data<float>();
+  const double count = static_cast<double>(d.n * d.s);
+  per_channel(d, threads, [&](int64_t c) {
+    const float mu = mp[c], r = ip[c];
+    // Sums of dy, dy * (x - mu), ddx, ddx * (x - mu), ddx * dy over the channel.
+    double s_dy = 0.0, s_dyc = 0.0, s_h = 0.0, s_hc = 0.0, s_hdy = 0.0;
+    for (int64_t n = 0; n < d.n; ++n) {
+      const int64_t off = (n * d.c + c) * d.s;
+      const float* xr = xp + off;
+      const float* gr = gp + off;
+      float a = 0.0f, b = 0.0f;
+#pragma omp simd reduction(+ : a, b)
+      for (int64_t i = 0; i < d.s; ++i) {
+        a += gr[i];
+        b += gr[i] * (xr[i] - mu);
+      }
+      s_dy += a;
+      s_dyc += b;
+      if (has_ddx) {
+        const float* hr = hp + off;
+        float e = 0.0f, f = 0.0f, g = 0.0f;
+#pragma omp simd reduction(+ : e, f, g)
+        for (int64_t i = 0; i < d.s; ++i) {
+          e += hr[i];
+          f += hr[i] * (xr[i] - mu);
+          g += hr[i] * gr[i];
+        }
+        s_h += e;
+        s_hc += f;
+        s_hdy += g;
+      }
+    }
+    const double m = count > 0 ? count : 1.0;
+    const double rr = r, wc = wp[c];
+    const double mean_dy = s_dy / m;
+    const double s = s_dyc * rr;                 // sum dy * x_hat
+    const double big_c = s_h;                     // sum ddx
+    const double big_b = s_hc * rr;               // sum ddx * x_hat
+    const double big_a = s_hdy - big_c * mean_dy;  // sum ddx * (dy - mean(dy))
+    const double dw_up = has_ddw ? ddwp[c] : 0.0;
+    const double db_up = has_ddb ? ddbp[c] : 0.0;
+    gwp[c] = static_cast<float>(rr * (big_a - s * big_b / m));
+    // gx = k_q * q + k_h * ddx + k_xh * x_hat + k_0, with q = dy - mean(dy) - x_hat * s / M.
+    const double outer = wc * rr * rr / m;
+    const double k_q = dw_up * rr - outer * big_b;
+    const double k_h = -outer * s;
+    const double k_xh = outer * (2.0 * s * big_b / m - big_a);
+    const double k_0 = outer * s * big_c / m;
+    // Expanded over dy, ddx and (x - mu) for the inner loop:
+    const float a_dy = static_cast<float>(k_q);
+    const float a_h = static_cast<float>(k_h);
+    const float a_xc = static_cast<float>((k_xh - k_q * s / m) * rr);
+    const float a_0 = static_cast<float>(k_0 - k_q * mean_dy);
+    // gdy = ddb + ddw * x_hat + w * r * (ddx - C / M - x_hat * B / M)
+    const float b_h = static_cast<float>(wc * rr);
+    const float b_xc = static_cast<float>((dw_up - wc * rr * big_b / m) * rr);
+    const float b_0 = static_cast<float>(db_up - wc * rr * big_c / m);
+    for (int64_t n = 0; n < d.n; ++n) {
+      const int64_t off = (n * d.c + c) * d.s;
+      const float* xr = xp + off;
+      const float* gr = gp + off;
+      float* ox = gxp + off;
+      float* ody = gdyp + off;
+      if (has_ddx) {
+        const float* hr = hp + off;
+#pragma omp simd
+        for (int64_t i = 0; i < d.s; ++i) {
+          const float xc = xr[i] - mu;
+          ox[i] = a_dy * gr[i] + a_h * hr[i] + a_xc * xc + a_0;
+          ody[i] = b_h * hr[i] + b_xc * xc + b_0;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < d.s; ++i) {
+          const float xc = xr[i] - mu;
+          ox[i] = a_dy * gr[i] + a_xc * xc + a_0;
+          ody[i] = b_xc * xc + b_0;
+        }
+      }
+    }
+  });
+  return {gx, gw, gdy};
+}
+
 // -------------------------------------------------------------------- max pooling
 
 namespace {
@@ -406,6 +533,11 @@ std::vector<Shape> XAndTwoChannelShapes(const Shape& x, const Shape&, const Shap
                                         const Shape&) {
   return {x, channels(x), channels(x)};
 }
+// Double backward: gx and gdy shaped like x, gw per channel.
+std::vector<Shape> DoubleGradShapes(const Shape& x, const Shape&, const Shape&, const Shape&,
+                                    const Shape&, const Shape&, const Shape&, const Shape&) {
+  return {x, channels(x), x};
+}
 std::vector<Shape> MaxPoolShape(const Shape& x, const std::vector<int>& k,
                                 const std::vector<int>& s, const std::vector<int>& p) {
   const Shape y{x[0], x[1], pooled(x[2], k[0], s[0], p[0]), pooled(x[3], k[1], s[1], p[1])};
@@ -420,6 +552,10 @@ std::vector<DType> F32x1(const DType&) { return {DType::FLOAT32}; }
 std::vector<DType> F32x1Of2(const DType&, const DType&) { return {DType::FLOAT32}; }
 std::vector<DType> F32x3Of5(const DType&, const DType&, const DType&, const DType&,
                             const DType&) {
+  return {DType::FLOAT32, DType::FLOAT32, DType::FLOAT32};
+}
+std::vector<DType> F32x3Of8(const DType&, const DType&, const DType&, const DType&,
+                            const DType&, const DType&, const DType&, const DType&) {
   return {DType::FLOAT32, DType::FLOAT32, DType::FLOAT32};
 }
 std::vector<DType> PoolTypes(const DType&) { return {DType::FLOAT32, DType::INT32}; }
@@ -471,6 +607,14 @@ PD_BUILD_OP(pfsl_batch_norm_backward)
     .SetKernelFn(PD_KERNEL(BatchNormGrad))
     .SetInferShapeFn(PD_INFER_SHAPE(XAndTwoChannelShapes))
     .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of5));
+
+PD_BUILD_OP(pfsl_batch_norm_double_backward)
+    .Inputs({"X", "DY", "W", "Mean", "InvStd", "DDX", "DDW", "DDB"})
+    .Outputs({"GX", "GW", "GDY"})
+    .Attrs({"present: int", "threads: int"})
+    .SetKernelFn(PD_KERNEL(BatchNormDoubleGrad))
+    .SetInferShapeFn(PD_INFER_SHAPE(DoubleGradShapes))
+    .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of8));
 
 PD_BUILD_OP(pfsl_max_pool2d)
     .Inputs({"X"})

@@ -73,6 +73,7 @@ CPU_OPS = (
     "pfsl_relu_backward",
     "pfsl_batch_norm_train",
     "pfsl_batch_norm_backward",
+    "pfsl_batch_norm_double_backward",
     "pfsl_max_pool2d",
     "pfsl_max_pool2d_backward",
 )

@@ -43,6 +43,7 @@ __all__ = [
     "relu_backward",
     "batch_norm_train",
     "batch_norm_backward",
+    "batch_norm_double_backward",
     "max_pool2d",
     "max_pool2d_backward",
 ]
@@ -213,6 +214,54 @@ def batch_norm_backward(
     """
     dx, dw, db = onednn.run_op("pfsl_batch_norm_backward", x, dy, weight, mean, inv_std)
     return dx, dw, db
+
+
+def batch_norm_double_backward(
+    x: paddle.Tensor,
+    dy: paddle.Tensor,
+    weight: paddle.Tensor,
+    mean: paddle.Tensor,
+    inv_std: paddle.Tensor,
+    ddx: paddle.Tensor | None,
+    ddweight: paddle.Tensor | None,
+    ddbias: paddle.Tensor | None,
+) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """Second-order gradients of train-mode BatchNorm, in one pass over the data.
+
+    The vector-Jacobian product of ``(dx, dweight, dbias) = batch_norm_backward(x, dy,
+    weight, ...)`` with the upstream gradients ``(ddx, ddweight, ddbias)``: returns the
+    gradients ``(gx, gweight, gdy)`` of ``sum(ddx * dx) + ddweight . dweight + ddbias .
+    dbias`` with respect to ``x`` (through the batch statistics too), ``weight`` and
+    ``dy``. ``None`` stands for a zero upstream gradient.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x, dy = paddle.to_tensor([[1.0], [3.0]]), paddle.to_tensor([[1.0], [-1.0]])
+        >>> if cpu_kernels.usable(x):  # d(dweight)/d(dy) is the normalised input
+        ...     gx, gw, gdy = cpu_kernels.batch_norm_double_backward(
+        ...         x, dy, paddle.ones([1]), paddle.to_tensor([2.0]), paddle.to_tensor([1.0]),
+        ...         None, paddle.ones([1]), None)
+        ...     print(gx.flatten().tolist(), gw.tolist(), gdy.flatten().tolist())
+        ... else:
+        ...     print([0.0, 0.0], [0.0], [-1.0, 1.0])
+        [0.0, 0.0] [0.0] [-1.0, 1.0]
+
+    """
+    present = (ddx is not None) | (ddweight is not None) << 1 | (ddbias is not None) << 2
+    gx, gw, gdy = onednn.run_op(
+        "pfsl_batch_norm_double_backward",
+        x,
+        dy,
+        weight,
+        mean,
+        inv_std,
+        x if ddx is None else ddx,  # stand-ins for absent gradients are never read
+        weight if ddweight is None else ddweight,
+        weight if ddbias is None else ddbias,
+        present,
+    )
+    return gx, gw, gdy
 
 
 def max_pool2d(

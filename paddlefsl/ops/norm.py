@@ -128,6 +128,80 @@ def _batch_stats_grads(x, dy, weight, call):
     return dx.reshape(x.shape), dw, db
 
 
+@dataclass
+class _SavedStatistics:
+    """Batch mean and 1/sqrt(var + eps) of a forward pass (constants for autograd)."""
+
+    mean: paddle.Tensor
+    inv_std: paddle.Tensor
+    epsilon: float
+
+
+def _double_backward_formula(x, dy, weight, ddx, ddweight, ddbias, epsilon):
+    """Differentiable ``(gx, gweight, gdy)``: the closed form of the CPU kernel
+    ``batch_norm_double_backward``, with the statistics recomputed from ``x``.
+
+    Only for a backward pass that is itself recorded (third-order derivatives).
+    """
+    axes = [0] + list(range(2, x.ndim))
+    per_channel = [1, -1] + [1] * (x.ndim - 2)
+    count = x.size // x.shape[1]
+    mean = x.mean(axes, keepdim=True)
+    centered = x - mean
+    r = paddle.rsqrt((centered * centered).mean(axes, keepdim=True) + epsilon)
+    x_hat = centered * r
+    w = weight.reshape(per_channel)
+    mean_dy = dy.mean(axes, keepdim=True)
+    s = (dy * x_hat).sum(axes, keepdim=True)
+    q = dy - mean_dy - x_hat * s / count
+    zero = paddle.zeros_like(s)
+    dw_up = zero if ddweight is None else ddweight.reshape(per_channel)
+    db_up = zero if ddbias is None else ddbias.reshape(per_channel)
+    gx = dw_up * r * q
+    gdy = db_up + dw_up * x_hat
+    gw = zero
+    if ddx is not None:
+        big_c = ddx.sum(axes, keepdim=True)
+        big_b = (ddx * x_hat).sum(axes, keepdim=True)
+        big_a = (ddx * dy).sum(axes, keepdim=True) - big_c * mean_dy
+        gw = r * (big_a - s * big_b / count)
+        gx = gx + w * r * r / count * (
+            s * big_c / count - big_a * x_hat - s * ddx + 2 * s * big_b / count * x_hat - big_b * q
+        )
+        gdy = gdy + w * r * (ddx - big_c / count - x_hat * big_b / count)
+    return gx, gw.reshape([-1]), gdy
+
+
+class _BatchNormBackward(paddle.autograd.PyLayer):
+    """The first-order backward of the CPU-kernel BatchNorm, as a differentiable op.
+
+    Recorded when a backward pass through BatchNorm creates a graph (MAML's inner step):
+    its own backward is then one fused kernel instead of Paddle differentiating a
+    closed form of a dozen ops, and keeps only its inputs alive.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dy, weight, saved: _SavedStatistics):
+        ctx.saved = saved
+        ctx.required = requires(x, dy, weight)
+        ctx.save_for_backward(x, dy, weight)
+        return cpu_kernels.batch_norm_backward(x, dy, weight, saved.mean, saved.inv_std)
+
+    @staticmethod
+    def backward(ctx, ddx, ddweight, ddbias):
+        x, dy, weight = ctx.saved_tensor()
+        saved: _SavedStatistics = ctx.saved
+        if creating_graph():
+            gx, gw, gdy = _double_backward_formula(
+                x, dy, weight, ddx, ddweight, ddbias, saved.epsilon
+            )
+        else:
+            gx, gw, gdy = cpu_kernels.batch_norm_double_backward(
+                x, dy, weight, saved.mean, saved.inv_std, ddx, ddweight, ddbias
+            )
+        return only_required((gx, gdy, gw), ctx.required)
+
+
 class _BatchNorm(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, x, weight, bias, call: _BatchNormCall):
@@ -189,6 +263,10 @@ class _BatchNorm(paddle.autograd.PyLayer):
                 call.trainable_statistics,
             )
             return only_required(tuple(grads), ctx.required)
+        if ctx.statistics is not None:
+            saved = _SavedStatistics(*ctx.statistics, call.epsilon)
+            dx, dw, db = _BatchNormBackward.apply(x, dy, weight, saved)
+            return only_required((dx, dw, db), ctx.required)
         if not call.global_stats and call.data_format not in _CHANNEL_LAST and x.ndim >= 2:
             return only_required(_batch_stats_grads(x, dy, weight, call), ctx.required)
         channel = x.ndim - 1 if call.data_format in _CHANNEL_LAST else 1
