@@ -138,10 +138,11 @@ class _SavedStatistics:
 
 
 def _double_backward_formula(x, dy, weight, ddx, ddweight, ddbias, epsilon):
-    """Differentiable ``(gx, gweight, gdy)``: the closed form of the CPU kernel
-    ``batch_norm_double_backward``, with the statistics recomputed from ``x``.
+    """Differentiable ``(gx, gweight, gdy)`` of the CPU kernel ``batch_norm_double_backward``.
 
-    Only for a backward pass that is itself recorded (third-order derivatives).
+    The same closed form, with the statistics recomputed from ``x`` so that their
+    dependence on it is recorded too. Only for a backward pass that is itself recorded
+    (third-order derivatives).
     """
     axes = [0] + list(range(2, x.ndim))
     per_channel = [1, -1] + [1] * (x.ndim - 2)
