@@ -1,8 +1,9 @@
 // paddlefsl: multi-threaded float32 CPU kernels for the memory-bound layers of few-shot
 // CNNs (per-channel bias, ReLU, train-mode BatchNorm, max pooling), forward and first-order
-// backward. Paddle 3.3.1's CPU kernels for these run on one thread and, for the
-// per-channel broadcast and the BatchNorm statistics, 5-10x below memory bandwidth; these
-// are plain loops the compiler vectorises, split over OpenMP threads.
+// backward, and BatchNorm's double backward. Paddle 3.3.1's CPU kernels for these run on
+// one thread and, for the per-channel broadcast and the BatchNorm statistics, 5-10x below
+// memory bandwidth; these are plain loops the compiler vectorises, split over OpenMP
+// threads.
 //
 // Built into the same library as _onednn_conv.cc (see _onednn_build.py) and, like those,
 // raw: no grad ops, autograd is composed in Python (paddlefsl/ops/cpu_kernels.py). The

@@ -1,7 +1,7 @@
 """Multi-threaded float32 CPU kernels for the memory-bound layers of few-shot CNNs.
 
 Per-channel bias, ReLU, train-mode BatchNorm and max pooling, forward and first-order
-backward. Paddle 3.3.1 runs these on one thread, and its per-channel broadcast add and
+backward, and BatchNorm's double backward (second-order MAML). Paddle 3.3.1 runs these on one thread, and its per-channel broadcast add and
 BatchNorm statistics well below memory bandwidth (a Conv4 bias add on a query batch: 162
 ms against 16 ms here on 2 threads). The loops live in ``_cpu_kernels.cc``, built into
 the same library as the oneDNN convolutions (:mod:`paddlefsl.ops.onednn`), so they are
@@ -9,9 +9,11 @@ available exactly when those are and use the same thread count
 (:func:`paddlefsl.ops.onednn.set_threads`, set by :func:`paddlefsl.runtime.use_cores`).
 
 The functions are raw: they record no autograd graph. The replacements in
-:mod:`paddlefsl.ops` call them for the forward pass and for first-order backward passes;
-a backward pass that is itself recorded (``create_graph=True``) still takes the
-differentiable formulas.
+:mod:`paddlefsl.ops` call them for the forward pass and for first-order backward passes.
+A BatchNorm backward pass that is itself recorded (``create_graph=True``, MAML's inner
+step) becomes one graph node whose own backward is :func:`batch_norm_double_backward`;
+a third recorded pass falls back to its differentiable closed form. Other layers' recorded
+backward passes take the differentiable formulas.
 
 Example:
     >>> import paddle

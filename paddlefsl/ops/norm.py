@@ -2,9 +2,12 @@
 
 Paddle has no double grad for ``layer_norm``. For ``batch_norm`` it has one, but it is
 quadratic in the batch on CPU and, for an input that does not require grad, silently
-wrong; it also raises in eval mode. The replacement keeps the fused native forward (which
-also updates the running statistics in place) and the native backward for first-order
-passes, and differentiates a closed-form backward when the graph is being created.
+wrong; it also raises in eval mode. The replacement keeps a fused forward (which also
+updates the running statistics in place) and a fused backward for first-order passes, and
+differentiates a closed-form backward when the graph is being created. For float32 on the
+CPU kernels that recorded backward is itself one node (``_BatchNormBackward``) whose
+backward is a single fused double-backward kernel: second-order MAML then neither runs
+nor keeps alive the dozen intermediate tensors of the formula.
 """
 
 from __future__ import annotations
