@@ -12,6 +12,7 @@ from paddlefsl.functional import (
     running_statistics,
     substituted,
 )
+from paddlefsl.functional.params import index_tensors
 
 
 def test_functional_call_equals_manual_forward():
@@ -53,6 +54,34 @@ def test_fused_lstm_uses_substituted_weights():
     np.testing.assert_allclose(out.numpy(), 0.0, atol=1e-7)
     out, _ = lstm(x)
     assert np.abs(out.numpy()).max() > 1e-3
+
+
+def test_index_matches_paddles_named_views_on_awkward_structures():
+    """Shared sublayers, tied weights, a None parameter and buffers: same names, order."""
+
+    class Awkward(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            shared = nn.Linear(3, 3)
+            self.first = nn.Sequential(shared, nn.BatchNorm1D(3), nn.LSTM(3, 2))
+            self.again = shared  # the same sublayer under a second name
+            self.head = nn.Linear(3, 2, bias_attr=False)  # a None bias
+            self.tied = nn.Linear(3, 2, bias_attr=False)
+            self.tied.weight = self.head.weight
+            self.register_buffer("steps", paddle.zeros([1]))
+            self.register_buffer("nothing", None)
+
+    net = Awkward()
+    index = index_tensors(net)
+    assert list(index.parameters) == [name for name, _ in net.named_parameters()]
+    assert all(index.parameters[n] is p for n, p in net.named_parameters())
+    assert list(index.buffers) == [n for n, b in net.named_buffers() if b is not None]
+    assert [id(s) for s in index.sublayers] == [
+        id(s) for _, s in net.named_sublayers(include_self=True)
+    ]
+    # The tied weight sits in both Linear layers' dicts; the shared layer once.
+    assert len(index.slots[id(net.head.weight)]) == 2
+    assert len(index.slots[id(net.again.weight)]) == 1
 
 
 def test_unknown_name_is_a_clear_error():

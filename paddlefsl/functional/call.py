@@ -8,22 +8,9 @@ from typing import Any
 
 import paddle
 
+from .params import index_tensors
+
 __all__ = ["substituted", "functional_call"]
-
-
-def _slots(layer: paddle.nn.Layer) -> dict[int, list[tuple[dict, str]]]:
-    """Every dict slot holding each tensor, keyed by tensor identity.
-
-    A tensor can sit in several slots: tied weights, and fused RNN layers that register
-    each weight on themselves and on their cells.
-    """
-    slots: dict[int, list[tuple[dict, str]]] = {}
-    for _, sub in layer.named_sublayers(include_self=True):
-        for store in (sub._parameters, sub._buffers):
-            for key, tensor in store.items():
-                if tensor is not None:
-                    slots.setdefault(id(tensor), []).append((store, key))
-    return slots
 
 
 @contextmanager
@@ -51,15 +38,16 @@ def substituted(layer: paddle.nn.Layer, tensors: Mapping[str, paddle.Tensor]) ->
         0.0
 
     """
-    own = dict(layer.named_parameters())
-    own.update({name: b for name, b in layer.named_buffers() if b is not None})
+    index = index_tensors(layer)
+    own = dict(index.parameters)
+    own.update(index.buffers)
     unknown = [name for name in tensors if name not in own]
     if unknown:
         raise KeyError(
             f"{unknown[:5]} are not parameters or buffers of {type(layer).__name__}; "
             f"expected names like {list(own)[:5]}"
         )
-    slots = _slots(layer)
+    slots = index.slots
     replaced_ids = {id(own[name]): tensor for name, tensor in tensors.items()}
     saved: list[tuple[dict, str, paddle.Tensor]] = []
     rnn_lists: list[tuple[paddle.nn.Layer, list]] = []
@@ -69,7 +57,7 @@ def substituted(layer: paddle.nn.Layer, tensors: Mapping[str, paddle.Tensor]) ->
                 saved.append((store, key, store[key]))
                 store[key] = tensor
         # Fused RNN kernels read their weights from this private list, not from _parameters.
-        for _, sub in layer.named_sublayers(include_self=True):
+        for sub in index.sublayers:
             weights = sub.__dict__.get("_all_weights")
             if isinstance(weights, list):
                 rnn_lists.append((sub, weights))

@@ -1,9 +1,10 @@
 """Multi-threaded float32 CPU kernels for the memory-bound layers of few-shot CNNs.
 
 Per-channel bias, ReLU, train-mode BatchNorm and max pooling, forward and first-order
-backward, and BatchNorm's double backward (second-order MAML). Paddle 3.3.1 runs these on one thread, and its per-channel broadcast add and
-BatchNorm statistics well below memory bandwidth (a Conv4 bias add on a query batch: 162
-ms against 16 ms here on 2 threads). The loops live in ``_cpu_kernels.cc``, built into
+backward, and BatchNorm's double backward (second-order MAML). Paddle 3.3.1 runs these
+on one thread, and its per-channel broadcast add and BatchNorm statistics well below
+memory bandwidth (a Conv4 bias add on a query batch: 162 ms against 16 ms here on 2
+threads). The loops live in ``_cpu_kernels.cc``, built into
 the same library as the oneDNN convolutions (:mod:`paddlefsl.ops.onednn`), so they are
 available exactly when those are and use the same thread count
 (:func:`paddlefsl.ops.onednn.set_threads`, set by :func:`paddlefsl.runtime.use_cores`).
