@@ -113,10 +113,11 @@ def test_conv4_meta_gradient_through_the_fast_path(monkeypatch):
     monkeypatch.setattr(conv_ops, "MIN_FAST_CHANNELS", 1)
     monkeypatch.setattr(conv_ops, "_FAST", [NATIVE_KERNELS])
     calls = []
-    real = conv_ops._graph_conv2d
-    monkeypatch.setattr(
-        conv_ops, "_graph_conv2d", lambda *a: calls.append(1) or real(*a), raising=True
-    )
+    for name in ("_graph_conv2d", "_graph_conv2d_bias"):
+        real = getattr(conv_ops, name)
+        monkeypatch.setattr(
+            conv_ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a), raising=True
+        )
     paddle.seed(0)
     model = Conv4(1, 3, hidden=4, pooling="stride", image_size=16)
     x, xq = paddle.randn([6, 1, 16, 16]), paddle.randn([6, 1, 16, 16])
@@ -124,7 +125,8 @@ def test_conv4_meta_gradient_through_the_fast_path(monkeypatch):
     report = check_second_order(
         MAML(model, lr=0.5), nn.CrossEntropyLoss(), (x, y), (xq, y), steps=2, rtol=1e-5
     )
-    assert calls, "the convolutions did not take the fast path"
+    # Conv4's convolutions have biases: they take the fused-bias graph.
+    assert "_graph_conv2d_bias" in calls, "the convolutions did not take the fast path"
     assert report.ok, str(report)
     assert abs(report.first_order - report.numeric) > 1e-3 * abs(report.numeric), str(report)
 

@@ -65,7 +65,13 @@ _PIP_ARGS = ["--no-deps", "--only-binary=:all:", "--platform", "manylinux_2_28_x
 # The oneDNN convolutions, and plain OpenMP loops for the memory-bound layers.
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("_onednn_conv.cc", "_cpu_kernels.cc"))
 _NAME = "paddlefsl_onednn_conv"
-CONV_OPS = ("onednn_conv2d_forward", "onednn_conv2d_backward_data", "onednn_conv2d_backward_weight")
+CONV_OPS = (
+    "onednn_conv2d_forward",
+    "onednn_conv2d_backward_data",
+    "onednn_conv2d_backward_weight",
+    "onednn_conv2d_forward_bias",
+    "onednn_conv2d_backward_weight_bias",
+)
 CPU_OPS = (
     "pfsl_channel_bias_add",
     "pfsl_channel_sum",

@@ -1,10 +1,16 @@
 // oneDNN 2-D convolution kernels for Paddle (CPU, float32, NCHW, groups 1, dilation 1).
 //
-// Three raw custom ops, without grad ops (autograd is composed in Python):
+// Raw custom ops, without grad ops (autograd is composed in Python):
 //
 //   onednn_conv2d_forward(x, w)          -> y    attrs: strides, paddings, threads
 //   onednn_conv2d_backward_data(dy, w)   -> dx   attrs: strides, paddings, input_hw, threads
 //   onednn_conv2d_backward_weight(x, dy) -> dw   attrs: strides, paddings, kernel_hw, threads
+//   onednn_conv2d_forward_bias(x, w, b)  -> y = conv(x, w) + b (b per output channel)
+//   onednn_conv2d_backward_weight_bias(x, dy) -> dw, db = dy summed per channel
+//
+// The bias variants fold a Conv2D layer's bias into the convolution: oneDNN adds it as the
+// output is written and sums its gradient while it reads dy, which saves a full pass over
+// the output each way.
 //
 // strides = {sh, sw}; paddings = {ph, pw}, applied on both sides; threads >= 1 is the
 // OpenMP team size for this call only (the caller's setting is restored afterwards, so
@@ -35,6 +41,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -59,7 +66,15 @@ using Dt = dnnl::memory::data_type;
 // batch shapes (support, query, evaluation) times three ops.
 constexpr size_t kCacheCapacity = 128;
 
-enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeight = 2 };
+enum Kind : int64_t {
+  kForward = 0,
+  kBackwardData = 1,
+  kBackwardWeight = 2,
+  kForwardBias = 3,
+  kBackwardWeightBias = 4
+};
+
+bool with_bias(Kind kind) { return kind == kForwardBias || kind == kBackwardWeightBias; }
 
 const char* kind_name(Kind kind) {
   switch (kind) {
@@ -67,6 +82,10 @@ const char* kind_name(Kind kind) {
       return "onednn_conv2d_forward";
     case kBackwardData:
       return "onednn_conv2d_backward_data";
+    case kForwardBias:
+      return "onednn_conv2d_forward_bias";
+    case kBackwardWeightBias:
+      return "onednn_conv2d_backward_weight_bias";
     default:
       return "onednn_conv2d_backward_weight";
   }
@@ -115,14 +134,15 @@ void check_pair(const char* op, const char* name, const std::vector<int>& v,
            minimum, ", got [", v[0], ", ", v[1], "]");
 }
 
-void check_tensor(const char* op, const char* name, const paddle::Tensor& t) {
+void check_tensor(const char* op, const char* name, const paddle::Tensor& t,
+                  size_t rank = 4) {
   PD_CHECK(t.numel() == 0 || t.initialized(), op, ": ", name, " is not initialized");
   PD_CHECK(t.is_dense_tensor() && t.is_cpu(), op, ": ", name,
            " must be a dense CPU tensor");
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": ", name,
            " must be float32, got ", t.dtype(),
            " (oneDNN has no float64 CPU convolution; use paddle.nn.functional.conv2d)");
-  PD_CHECK(t.shape().size() == 4, op, ": ", name, " must be 4-D, got ",
+  PD_CHECK(t.shape().size() == rank, op, ": ", name, " must be ", rank, "-D, got ",
            t.shape().size(), "-D");
 }
 
@@ -207,13 +227,18 @@ std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
   const memory::desc x_plain(xd, Dt::f32, Tag::nchw), w_plain(wd, Dt::f32, Tag::oihw),
       y_plain(yd, Dt::f32, Tag::nchw);
   const memory::desc x_any(xd, Dt::f32, Tag::any), w_any(wd, Dt::f32, Tag::any),
-      y_any(yd, Dt::f32, Tag::any);
+      y_any(yd, Dt::f32, Tag::any), b_plain(memory::dims{g.o}, Dt::f32, Tag::a);
   // The backward primitives need the forward one as a hint (it fixes the layouts).
-  dnnl::convolution_forward::primitive_desc fwd(
-      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, x_any,
-      w_any, y_any, strides, pads, pads);
+  const auto fwd =
+      with_bias(kind)
+          ? dnnl::convolution_forward::primitive_desc(
+                eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+                x_any, w_any, b_plain, y_any, strides, pads, pads)
+          : dnnl::convolution_forward::primitive_desc(
+                eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+                x_any, w_any, y_any, strides, pads, pads);
   auto e = std::make_shared<Entry>();
-  if (kind == kForward) {
+  if (kind == kForward || kind == kForwardBias) {
     init_arg(e->src, x_plain, fwd.src_desc(), false);
     init_arg(e->wei, w_plain, fwd.weights_desc(), false);
     init_arg(e->dst, y_plain, fwd.dst_desc(), true);
@@ -226,6 +251,14 @@ std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
     init_arg(e->wei, w_plain, bwd.weights_desc(), false);
     init_arg(e->dst, y_plain, bwd.diff_dst_desc(), false);
     e->conv = dnnl::convolution_backward_data(bwd);
+  } else if (kind == kBackwardWeightBias) {
+    dnnl::convolution_backward_weights::primitive_desc bwd(
+        eng, dnnl::algorithm::convolution_direct, x_any, w_any, b_plain, y_any, strides,
+        pads, pads, fwd);
+    init_arg(e->src, x_plain, bwd.src_desc(), false);
+    init_arg(e->wei, w_plain, bwd.diff_weights_desc(), true);
+    init_arg(e->dst, y_plain, bwd.diff_dst_desc(), false);
+    e->conv = dnnl::convolution_backward_weights(bwd);
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(
         eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads,
@@ -297,9 +330,10 @@ memory prepare_input(const Arg& a, const paddle::Tensor& t, std::vector<paddle::
 }
 
 // Runs one convolution. `in0`/`in1` are the op's inputs, `out` its (plain) output;
-// which conv argument each one is depends on the op.
+// which conv argument each one is depends on the op. `bias` is the bias (forward) or its
+// gradient (backward weights) of the bias variants, a plain [O] vector; null otherwise.
 void run(Kind kind, const Geometry& g, int threads, const paddle::Tensor& in0,
-         const paddle::Tensor& in1, paddle::Tensor& out) {
+         const paddle::Tensor& in1, paddle::Tensor& out, paddle::Tensor* bias = nullptr) {
   const char* op = kind_name(kind);
   PD_CHECK(threads >= 1, op, ": threads must be >= 1, got ", threads);
   ThreadGuard guard(threads);
@@ -312,7 +346,7 @@ void run(Kind kind, const Geometry& g, int threads, const paddle::Tensor& in0,
     const Arg* a1;
     const Arg* ao;
     int k0, k1, ko;
-    if (kind == kForward) {
+    if (kind == kForward || kind == kForwardBias) {
       a0 = &e->src, a1 = &e->wei, ao = &e->dst;
       k0 = DNNL_ARG_SRC, k1 = DNNL_ARG_WEIGHTS, ko = DNNL_ARG_DST;
     } else if (kind == kBackwardData) {
@@ -330,7 +364,14 @@ void run(Kind kind, const Geometry& g, int threads, const paddle::Tensor& in0,
       keep.push_back(scratch(ao->blocked));
       mo = memory(ao->blocked, cpu_engine(), data_of(keep.back()));
     }
-    e->conv.execute(s, {{k0, m0}, {k1, m1}, {ko, mo}});
+    std::unordered_map<int, memory> args{{k0, m0}, {k1, m1}, {ko, mo}};
+    if (with_bias(kind)) {
+      PD_CHECK(bias != nullptr, op, ": the bias tensor is missing");
+      const memory::desc b_plain(memory::dims{g.o}, Dt::f32, Tag::a);
+      args.emplace(kind == kForwardBias ? DNNL_ARG_BIAS : DNNL_ARG_DIFF_BIAS,
+                   memory(b_plain, cpu_engine(), data_of(*bias)));
+    }
+    e->conv.execute(s, args);
     if (ao->reorder) ao->from_prim.execute(s, mo, out_plain);
     s.wait();
   } catch (const dnnl::error& err) {
@@ -357,6 +398,25 @@ std::vector<paddle::Tensor> ForwardKernel(const paddle::Tensor& x, const paddle:
   auto y = paddle::empty({g.n, g.o, g.oh, g.ow}, paddle::DataType::FLOAT32,
                          paddle::CPUPlace());
   if (g.n > 0) run(kForward, g, threads, contiguous(x), contiguous(w), y);
+  return {y};
+}
+
+std::vector<paddle::Tensor> ForwardBiasKernel(const paddle::Tensor& x, const paddle::Tensor& w,
+                                              const paddle::Tensor& b,
+                                              const std::vector<int>& strides,
+                                              const std::vector<int>& paddings,
+                                              int threads) {
+  const char* op = kind_name(kForwardBias);
+  check_tensor(op, "x", x);
+  check_tensor(op, "w", w);
+  check_tensor(op, "b", b, 1);
+  const Geometry g = make_geometry(op, x.shape(), w.shape(), strides, paddings);
+  PD_CHECK(b.numel() == g.o, op, ": the bias must have one entry per output channel (",
+           g.o, "), got ", b.numel());
+  auto y = paddle::empty({g.n, g.o, g.oh, g.ow}, paddle::DataType::FLOAT32,
+                         paddle::CPUPlace());
+  auto bias = contiguous(b);
+  if (g.n > 0) run(kForwardBias, g, threads, contiguous(x), contiguous(w), y, &bias);
   return {y};
 }
 
@@ -403,6 +463,31 @@ std::vector<paddle::Tensor> BackwardWeightKernel(const paddle::Tensor& x,
   return {dw};
 }
 
+std::vector<paddle::Tensor> BackwardWeightBiasKernel(const paddle::Tensor& x,
+                                                     const paddle::Tensor& dy,
+                                                     const std::vector<int>& strides,
+                                                     const std::vector<int>& paddings,
+                                                     const std::vector<int>& kernel_hw,
+                                                     int threads) {
+  const char* op = kind_name(kBackwardWeightBias);
+  check_tensor(op, "x", x);
+  check_tensor(op, "dy", dy);
+  check_pair(op, "kernel_hw", kernel_hw, 1);
+  const auto xs = x.shape();
+  const auto ds = dy.shape();
+  const std::vector<int64_t> ws{ds[1], xs[1], kernel_hw[0], kernel_hw[1]};
+  const Geometry g = make_geometry(op, xs, ws, strides, paddings);
+  check_dy(op, g, ds, "kernel_hw");
+  if (g.n == 0) {
+    return {paddle::full(ws, 0.0, paddle::DataType::FLOAT32, paddle::CPUPlace()),
+            paddle::full({g.o}, 0.0, paddle::DataType::FLOAT32, paddle::CPUPlace())};
+  }
+  auto dw = paddle::empty(ws, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto db = paddle::empty({g.o}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  run(kBackwardWeightBias, g, threads, contiguous(x), contiguous(dy), dw, &db);
+  return {dw, db};
+}
+
 // ------------------------------------------------------- shape / dtype inference
 // Only used when building a static graph; dims may be -1 (unknown) there.
 
@@ -441,6 +526,32 @@ std::vector<paddle::DataType> Float32(const paddle::DataType&, const paddle::Dat
   return {paddle::DataType::FLOAT32};
 }
 
+std::vector<std::vector<int64_t>> ForwardBiasShape(const std::vector<int64_t>& x,
+                                                   const std::vector<int64_t>& w,
+                                                   const std::vector<int64_t>&,
+                                                   const std::vector<int>& strides,
+                                                   const std::vector<int>& paddings, int t) {
+  return ForwardShape(x, w, strides, paddings, t);
+}
+
+std::vector<std::vector<int64_t>> BackwardWeightBiasShape(const std::vector<int64_t>& x,
+                                                          const std::vector<int64_t>& dy,
+                                                          const std::vector<int>&,
+                                                          const std::vector<int>&,
+                                                          const std::vector<int>& kernel_hw,
+                                                          int) {
+  return {{dy[1], x[1], kernel_hw[0], kernel_hw[1]}, {dy[1]}};
+}
+
+std::vector<paddle::DataType> Float32Of3(const paddle::DataType&, const paddle::DataType&,
+                                         const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32};
+}
+
+std::vector<paddle::DataType> Float32x2(const paddle::DataType&, const paddle::DataType&) {
+  return {paddle::DataType::FLOAT32, paddle::DataType::FLOAT32};
+}
+
 PD_BUILD_OP(onednn_conv2d_forward)
     .Inputs({"X", "W"})
     .Outputs({"Y"})
@@ -466,3 +577,20 @@ PD_BUILD_OP(onednn_conv2d_backward_weight)
     .SetKernelFn(PD_KERNEL(BackwardWeightKernel))
     .SetInferShapeFn(PD_INFER_SHAPE(BackwardWeightShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(Float32));
+
+PD_BUILD_OP(onednn_conv2d_forward_bias)
+    .Inputs({"X", "W", "B"})
+    .Outputs({"Y"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "threads: int"})
+    .SetKernelFn(PD_KERNEL(ForwardBiasKernel))
+    .SetInferShapeFn(PD_INFER_SHAPE(ForwardBiasShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Float32Of3));
+
+PD_BUILD_OP(onednn_conv2d_backward_weight_bias)
+    .Inputs({"X", "DY"})
+    .Outputs({"DW", "DB"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>",
+            "kernel_hw: std::vector<int>", "threads: int"})
+    .SetKernelFn(PD_KERNEL(BackwardWeightBiasKernel))
+    .SetInferShapeFn(PD_INFER_SHAPE(BackwardWeightBiasShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Float32x2));

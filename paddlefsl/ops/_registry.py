@@ -10,6 +10,8 @@ kernel for ordinary (first-order) backward passes; only a backward run with
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -31,6 +33,10 @@ __all__ = [
 _FACTORIES: dict[str, Callable[[Callable], Callable]] = {}
 # name -> the native function, captured at import so replacements never call themselves
 _NATIVE: dict[str, Callable] = {}
+# (module name, function name) -> (factory(original) -> replacement, expected parameters):
+# plain Python functions of Paddle's API, replaced where the op-level patch cannot see
+# enough (a conv's bias is added by a separate op after the convolution)
+_PY_FACTORIES: dict[tuple[str, str], tuple[Callable[[Callable], Callable], tuple[str, ...]]] = {}
 # (module, attribute, original) for every slot that install() overwrote
 _SLOTS: list[tuple[object, str, Callable]] = []
 _LOCK = threading.Lock()
@@ -50,6 +56,22 @@ def register(name: str) -> Callable[[Callable[[Callable], Callable]], Callable]:
     def decorate(factory: Callable[[Callable], Callable]) -> Callable:
         _FACTORIES[name] = factory
         _NATIVE[name] = getattr(_C_ops, name)
+        return factory
+
+    return decorate
+
+
+def register_function(
+    module_name: str, name: str, parameters: tuple[str, ...]
+) -> Callable[[Callable[[Callable], Callable]], Callable]:
+    """Register ``factory(original) -> replacement`` for a Python function of Paddle's.
+
+    ``<module_name>.<name>`` is replaced at install only if its parameters are
+    ``parameters``: the replacement is written against that signature.
+    """
+
+    def decorate(factory: Callable[[Callable], Callable]) -> Callable:
+        _PY_FACTORIES[(module_name, name)] = (factory, parameters)
         return factory
 
     return decorate
@@ -97,6 +119,13 @@ def install() -> None:
                 if getattr(module, name, None) is original:
                     _SLOTS.append((module, name, original))
                     setattr(module, name, replacement)
+        for (module_name, name), (factory, parameters) in _PY_FACTORIES.items():
+            module = importlib.import_module(module_name)
+            original = getattr(module, name, None)
+            if original is None or tuple(inspect.signature(original).parameters) != parameters:
+                continue  # another Paddle version: leave its function alone
+            _SLOTS.append((module, name, original))
+            setattr(module, name, factory(original))
 
 
 def uninstall() -> None:

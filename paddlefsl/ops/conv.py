@@ -25,9 +25,10 @@ from collections.abc import Callable
 import paddle
 
 from ._common import tracks_grad
-from ._registry import in_second_order_scope, native, register
+from ._registry import in_second_order_scope, native, register, register_function
 from .conv_graph import ConvGeometry, ConvKernels
 from .conv_graph import conv2d as _graph_conv2d
+from .conv_graph import conv2d_bias as _graph_conv2d_bias
 
 #: Input channels below which a convolution keeps Paddle's kernel (see the module doc),
 #: except a single input channel.
@@ -50,6 +51,12 @@ class _OneDNNKernels:
 
     def backward_weight(self, x, dy, geo: ConvGeometry):
         return self._m.conv2d_backward_weight(x, dy, geo.strides, geo.paddings, geo.kernel_hw)
+
+    def forward_bias(self, x, w, b, geo: ConvGeometry):
+        return self._m.conv2d_forward_bias(x, w, b, geo.strides, geo.paddings)
+
+    def backward_weight_bias(self, x, dy, geo: ConvGeometry):
+        return self._m.conv2d_backward_weight_bias(x, dy, geo.strides, geo.paddings, geo.kernel_hw)
 
 
 _FAST: list[ConvKernels | None] = []  # resolved on the first eligible call
@@ -116,6 +123,81 @@ def _conv2d(native_fn: Callable) -> Callable:
         return native_fn(x, weight, *args, **kwargs)
 
     return conv2d
+
+
+# Paddle 3.3.1's paddle.nn.functional.conv._conv_nd, which Conv2D layers and F.conv2d call.
+_CONV_ND_PARAMETERS = (
+    "x",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "padding_algorithm",
+    "dilation",
+    "groups",
+    "data_format",
+    "channel_dim",
+    "op_type",
+    "use_cudnn",
+    "name",
+)
+
+
+def _fused_bias_conv(x, weight, bias, stride, padding, padding_algorithm, dilation, groups, fmt):
+    """``conv2d(x, weight) + bias`` on the fast kernels with the bias folded in, or None."""
+    if not isinstance(bias, paddle.Tensor) or bias.ndim != 1 or not paddle.in_dynamic_mode():
+        return None
+    geo = _fast_geometry(x, weight, stride, padding, padding_algorithm, dilation, groups, fmt)
+    if geo is None or bias.dtype != x.dtype or bias.shape[0] != weight.shape[0]:
+        return None
+    kernels = fast_kernels()
+    if kernels is None:
+        return None
+    return _graph_conv2d_bias(x, weight, bias, geo, kernels)
+
+
+@register_function("paddle.nn.functional.conv", "_conv_nd", _CONV_ND_PARAMETERS)
+def _conv_nd(original: Callable) -> Callable:
+    # Paddle runs a biased conv2d as conv2d then a broadcast add; on the fast kernels the
+    # two are one call each way (see conv_graph.conv2d_bias).
+    def conv_nd(
+        x,
+        weight,
+        bias=None,
+        stride=1,
+        padding=0,
+        padding_algorithm=None,
+        dilation=1,
+        groups=1,
+        data_format="NCHW",
+        channel_dim=1,
+        op_type="conv2d",
+        use_cudnn=True,
+        name=None,
+    ):
+        if op_type == "conv2d" and bias is not None:
+            out = _fused_bias_conv(
+                x, weight, bias, stride, padding, padding_algorithm, dilation, groups, data_format
+            )
+            if out is not None:
+                return out
+        return original(
+            x,
+            weight,
+            bias,
+            stride,
+            padding,
+            padding_algorithm,
+            dilation,
+            groups,
+            data_format,
+            channel_dim,
+            op_type,
+            use_cudnn,
+            name,
+        )
+
+    return conv_nd
 
 
 @register("depthwise_conv2d")

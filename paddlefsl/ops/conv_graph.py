@@ -23,7 +23,7 @@ import paddle
 from ._common import tracks_grad
 from ._registry import native
 
-__all__ = ["ConvGeometry", "ConvKernels", "NATIVE_KERNELS", "conv2d"]
+__all__ = ["ConvGeometry", "ConvKernels", "NATIVE_KERNELS", "conv2d", "conv2d_bias"]
 
 Tensor = paddle.Tensor
 
@@ -55,6 +55,12 @@ class ConvKernels(Protocol):
 
     def backward_weight(self, x: Tensor, dy: Tensor, geo: ConvGeometry) -> Tensor: ...
 
+    def forward_bias(self, x: Tensor, w: Tensor, b: Tensor, geo: ConvGeometry) -> Tensor: ...
+
+    def backward_weight_bias(
+        self, x: Tensor, dy: Tensor, geo: ConvGeometry
+    ) -> tuple[Tensor, Tensor]: ...
+
 
 class _NativeKernels:
     """Paddle's own conv2d kernels (any dtype); the reference the fast kernels must match."""
@@ -78,6 +84,14 @@ class _NativeKernels:
         w = paddle.zeros([dy.shape[1], x.shape[1], *geo.kernel_hw], dtype=x.dtype)
         with paddle.no_grad():
             return native("conv2d_grad")(x, w, dy, *self._attrs(geo))[1]
+
+    def forward_bias(self, x: Tensor, w: Tensor, b: Tensor, geo: ConvGeometry) -> Tensor:
+        with paddle.no_grad():
+            return native("add")(self.forward(x, w, geo), b.reshape([1, -1, 1, 1]))
+
+    def backward_weight_bias(self, x: Tensor, dy: Tensor, geo: ConvGeometry):
+        with paddle.no_grad():
+            return self.backward_weight(x, dy, geo), dy.sum([0, 2, 3])
 
 
 NATIVE_KERNELS: ConvKernels = _NativeKernels()
@@ -134,13 +148,17 @@ class _OneInput(paddle.autograd.PyLayer):
     """``op(a, b)`` as a function of one operand; the other is held as it is (live)."""
 
     @staticmethod
-    def forward(ctx, operand, held, index, op, kernels, geo, zeros_shape):
+    def forward(ctx, operand, held, index, op, kernels, geo, zeros_shape, bias=None):
         # zeros_shape: this node only carries the gradient of its operand; the value
-        # (of that shape) comes from the other operand's node.
+        # (of that shape) comes from the other operand's node. bias (held, forward "F"
+        # only): a per-channel bias added by the kernel; it does not change either
+        # operand's gradient.
         ctx.held, ctx.index, ctx.op, ctx.kernels, ctx.geo = held, index, op, kernels, geo
         if zeros_shape is not None:
             return paddle.zeros(zeros_shape, dtype=operand.dtype)
         a, b = (operand, held.tensor) if index == 0 else (held.tensor, operand)
+        if bias is not None:
+            return kernels.forward_bias(a, b, bias.tensor, geo)
         return _run(op, a, b, kernels, geo)
 
     @staticmethod
@@ -171,3 +189,69 @@ def conv2d(x: Tensor, w: Tensor, geo: ConvGeometry, kernels: ConvKernels) -> Ten
 
     """
     return _apply("F", x, w, kernels, geo)
+
+
+class _FilterAndBias(paddle.autograd.PyLayer):
+    """``conv(x, w) + b`` as a function of the filter and the bias; ``x`` is held (live).
+
+    Two differentiable inputs, so a ``paddle.grad`` that asks for one of them but not the
+    other fails (as for any such PyLayer; see the known limitation in the docs). The
+    filter gradient and the bias gradient come from one kernel call.
+    """
+
+    @staticmethod
+    def forward(ctx, w, b, held_x, kernels, geo, zeros_shape):
+        ctx.held_x, ctx.kernels, ctx.geo = held_x, kernels, geo
+        if zeros_shape is not None:
+            return paddle.zeros(zeros_shape, dtype=w.dtype)
+        return kernels.forward_bias(held_x.tensor, w, b, geo)
+
+    @staticmethod
+    def backward(ctx, g):
+        x = ctx.held_x.tensor
+        if paddle.is_grad_enabled():  # recorded (create_graph): stay differentiable
+            return _apply("W", x, g, ctx.kernels, ctx.geo), g.sum([0, 2, 3])
+        return ctx.kernels.backward_weight_bias(x, g, ctx.geo)
+
+
+def conv2d_bias(
+    x: Tensor, w: Tensor, b: Tensor, geo: ConvGeometry, kernels: ConvKernels
+) -> Tensor | None:
+    """``conv2d(x, w) + b`` with the bias folded into the kernels, exact to any order.
+
+    A Conv2D layer's bias add costs a full pass over the output forward and another
+    backward; the fused kernels add the bias as they write the output and sum its
+    gradient as they read ``dy``.
+
+    Args:
+        x: Input, [N, C, H, W].
+        w: Filter, [O, C, kH, kW].
+        b: Bias, [O].
+        geo: Strides, paddings and the spatial sizes.
+        kernels: The raw kernels to run.
+
+    Returns:
+        The output, or None when only one of ``w`` and ``b`` needs a gradient (a frozen
+        bias or filter): the caller then adds the bias itself.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops.conv_graph import NATIVE_KERNELS, ConvGeometry, conv2d_bias
+        >>> x, w, b = paddle.randn([2, 3, 8, 8]), paddle.randn([4, 3, 3, 3]), paddle.ones([4])
+        >>> geo = ConvGeometry((1, 1), (1, 1), (8, 8), (3, 3))
+        >>> y = conv2d_bias(x, w, b, geo, NATIVE_KERNELS)
+        >>> bool(paddle.allclose(y, conv2d(x, w, geo, NATIVE_KERNELS) + 1.0))
+        True
+
+    """
+    need_x, need_w, need_b = tracks_grad(x), tracks_grad(w), tracks_grad(b)
+    if need_w != need_b:
+        return None
+    if not (need_x or need_w):
+        return kernels.forward_bias(x, w, b, geo)
+    if not need_w:
+        return _OneInput.apply(x, _Held(w), 0, "F", kernels, geo, None, _Held(b))
+    if not need_x:
+        return _FilterAndBias.apply(w, b, _Held(x), kernels, geo, None)
+    value = _OneInput.apply(x, _Held(w), 0, "F", kernels, geo, None, _Held(b))
+    return value + _FilterAndBias.apply(w, b, _Held(x), kernels, geo, value.shape)

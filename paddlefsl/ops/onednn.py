@@ -48,6 +48,8 @@ __all__ = [
     "conv2d_forward",
     "conv2d_backward_data",
     "conv2d_backward_weight",
+    "conv2d_forward_bias",
+    "conv2d_backward_weight_bias",
     "set_threads",
     "get_threads",
 ]
@@ -260,6 +262,66 @@ def conv2d_backward_weight(
     """
     attrs = [_pair(strides, "strides"), _pair(paddings, "paddings"), _pair(kernel_hw, "kernel_hw")]
     return _call(OPS[2], x, dy, attrs, threads)
+
+
+def conv2d_forward_bias(
+    x: paddle.Tensor,
+    w: paddle.Tensor,
+    b: paddle.Tensor,
+    strides: int | Sequence[int],
+    paddings: int | Sequence[int],
+    threads: int | None = None,
+) -> paddle.Tensor:
+    """``y = conv2d(x, w) + b`` with the per-channel bias ``b`` added by the convolution.
+
+    As :func:`conv2d_forward`, and ``b`` has one float32 entry per output channel. Raw
+    op: records no autograd graph.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import onednn
+        >>> x, w, b = paddle.randn([2, 3, 5, 5]), paddle.randn([4, 3, 3, 3]), paddle.randn([4])
+        >>> if onednn.available():
+        ...     y = onednn.conv2d_forward_bias(x, w, b, 1, 1)
+        ...     ref = paddle.nn.functional.conv2d(x, w, b, padding=1)
+        ...     print(list(y.shape), bool(paddle.allclose(y, ref, atol=1e-4)))
+        ... else:
+        ...     print([2, 4, 5, 5], True)
+        [2, 4, 5, 5] True
+
+    """
+    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings")]
+    return run_op(OPS[3], x, w, b, *attrs, threads=threads)[0]
+
+
+def conv2d_backward_weight_bias(
+    x: paddle.Tensor,
+    dy: paddle.Tensor,
+    strides: int | Sequence[int],
+    paddings: int | Sequence[int],
+    kernel_hw: Sequence[int],
+    threads: int | None = None,
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """``(dw, db)``: the filter gradient and the bias gradient from one pass.
+
+    ``dw`` as :func:`conv2d_backward_weight`; ``db`` is ``dy`` summed over batch and
+    space. Raw op: records no autograd graph.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import onednn
+        >>> x, dy = paddle.randn([5, 3, 7, 7]), paddle.ones([5, 4, 4, 4])
+        >>> if onednn.available():
+        ...     dw, db = onednn.conv2d_backward_weight_bias(x, dy, 2, 1, [3, 3])
+        ...     print(list(dw.shape), db.tolist())
+        ... else:
+        ...     print([4, 3, 3, 3], [80.0, 80.0, 80.0, 80.0])
+        [4, 3, 3, 3] [80.0, 80.0, 80.0, 80.0]
+
+    """
+    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings"), _pair(kernel_hw, "kernel_hw")]
+    dw, db = run_op(OPS[4], x, dy, *attrs, threads=threads)
+    return dw, db
 
 
 # ------------------------------------------------------------------------------ calls
