@@ -13,7 +13,7 @@ from paddle import nn
 from paddlefsl.metaopt import ANIL, MAML, check_second_order
 from paddlefsl.models import Conv4
 from paddlefsl.ops import conv as conv_ops
-from paddlefsl.ops.conv_graph import NATIVE_KERNELS, ConvGeometry, conv2d
+from paddlefsl.ops.conv_graph import NATIVE_KERNELS, ConvGeometry, conv2d, conv2d_bias
 
 CASES = [  # batch, in channels, size, out channels, stride, padding
     (2, 3, 7, 4, 2, 1),
@@ -93,6 +93,85 @@ def test_third_order_matches_finite_differences(case):
     eps = 1e-5
     numeric = (third_at(eps) - third_at(-eps)) / (2 * eps)
     assert analytic == pytest.approx(numeric, rel=1e-6)
+
+
+def _bias_tower(case, via_graph, start, need=(True, True), seed=2):
+    """Output and first/second-order gradients of a biased conv (float64), flattened."""
+    n, c, size, o, s, p = case
+    # Native conv2d drops the filter-to-filter second derivative when x needs no gradient,
+    # so the reference always tracks x (and only differentiates what is wanted).
+    x = paddle.to_tensor(start[0], stop_gradient=via_graph and not need[0])
+    w = paddle.to_tensor(start[1], stop_gradient=not need[1])
+    b = paddle.to_tensor(start[2], stop_gradient=not need[1])
+    if via_graph:
+        geo = ConvGeometry((s, s), (p, p), (size, size), (3, 3))
+        y = conv2d_bias(x, w, b, geo, NATIVE_KERNELS)
+    else:
+        y = nn.functional.conv2d(x, w, b, stride=s, padding=p)
+    wanted = [t for t, needed in zip((x, w, b), (need[0], need[1], need[1])) if needed]
+    if not wanted:
+        return [y.numpy()], None
+    inputs = wanted if via_graph or need[0] else [x, *wanted]
+    keep = slice(len(inputs) - len(wanted), None)
+    draw = np.random.default_rng(seed)
+    loss = (y * y * paddle.to_tensor(draw.standard_normal(y.shape))).sum()
+    first = paddle.grad(loss, inputs, create_graph=True)[keep]
+    second_loss = sum(
+        (g * g * paddle.to_tensor(draw.standard_normal(g.shape))).sum() for g in first
+    )
+    second = paddle.grad(second_loss, inputs, create_graph=True)[keep]
+    contraction = sum((h * paddle.to_tensor(draw.standard_normal(h.shape))).sum() for h in second)
+    return [t.numpy() for t in (y, *first, *second)], (wanted, contraction)
+
+
+def _bias_start(case, seed=0):
+    n, c, size, o, _, _ = case
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((n, c, size, size)),
+        rng.standard_normal((o, c, 3, 3)),
+        rng.standard_normal(o),
+    )
+
+
+@pytest.mark.parametrize("need", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("case", CASES[:2])
+def test_biased_convolution_equals_native_conv_plus_bias(case, need):
+    """Folded bias: value, first and second order as Paddle's conv2d with a bias."""
+    start = _bias_start(case)
+    ours, _ = _bias_tower(case, True, start, need)
+    ref, _ = _bias_tower(case, False, start, need)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
+
+
+def test_biased_convolution_third_order_matches_finite_differences():
+    case = CASES[0]
+    start = _bias_start(case)
+    _, (wanted, contraction) = _bias_tower(case, True, start)
+    third = paddle.grad(contraction, wanted)
+    rng = np.random.default_rng(9)
+    directions = [rng.standard_normal(t.shape) for t in start]
+    analytic = sum(float((g.numpy() * d).sum()) for g, d in zip(third, directions))
+
+    def contraction_at(step):
+        moved = [a + step * d for a, d in zip(start, directions)]
+        return float(_bias_tower(case, True, moved)[1][1])
+
+    eps = 1e-5
+    numeric = (contraction_at(eps) - contraction_at(-eps)) / (2 * eps)
+    assert analytic == pytest.approx(numeric, rel=1e-6)
+
+
+def test_biased_convolution_declines_a_frozen_bias_or_filter():
+    """Only one of filter and bias trainable: the caller adds the bias itself."""
+    geo = ConvGeometry((1, 1), (1, 1), (6, 6), (3, 3))
+    x, w, b = paddle.randn([2, 3, 6, 6]), paddle.randn([4, 3, 3, 3]), paddle.randn([4])
+    w.stop_gradient = False
+    assert conv2d_bias(x, w, b, geo, NATIVE_KERNELS) is None
+    w.stop_gradient, b.stop_gradient = True, False
+    assert conv2d_bias(x, w, b, geo, NATIVE_KERNELS) is None
 
 
 def test_gradients_only_for_inputs_that_need_them():
@@ -203,3 +282,45 @@ def test_anil_with_a_convolutional_head_through_the_fast_path(monkeypatch):
     )
     assert report.ok, str(report)
     assert abs(report.first_order - report.numeric) > 1e-3 * abs(report.numeric), str(report)
+
+
+def test_conv2d_layers_fold_their_bias_and_uninstall_restores(monkeypatch):
+    """float32 Conv2D layers on the oneDNN kernels take the folded bias; a frozen bias
+    falls back to the separate add; uninstall() puts Paddle's _conv_nd back."""
+    from paddlefsl import ops
+    from paddlefsl.ops import onednn
+
+    if not onednn.available():
+        pytest.skip(f"oneDNN ops unavailable: {onednn.unavailable_reason()}")
+    paddle.set_default_dtype("float32")
+    ops.uninstall()
+    native_conv_nd = paddle.nn.functional.conv._conv_nd
+    ops.install()
+    calls = []
+    real = conv_ops._graph_conv2d_bias
+
+    def spy(*args):
+        out = real(*args)
+        if out is not None:  # None: declined (a frozen bias)
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(conv_ops, "_graph_conv2d_bias", spy)
+    paddle.seed(4)
+    conv = nn.Conv2D(16, 8, 3, stride=2, padding=1)
+    x = paddle.randn([3, 16, 9, 9])
+    x.stop_gradient = False
+    for frozen in (False, True):
+        conv.bias.stop_gradient = frozen
+        calls.clear()
+        y = conv(x)
+        (gx,) = paddle.grad(y.square().sum(), [x])
+        assert bool(calls) == (not frozen)
+        ops.uninstall()
+        assert paddle.nn.functional.conv._conv_nd is native_conv_nd
+        y_ref = conv(x)
+        (gx_ref,) = paddle.grad(y_ref.square().sum(), [x])
+        ops.install()
+        np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(gx.numpy(), gx_ref.numpy(), rtol=1e-4, atol=1e-3)
+    assert paddle.nn.functional.conv._conv_nd is not native_conv_nd

@@ -80,6 +80,31 @@ def test_matches_paddle(ops, shape, out_channels, k, stride, padding, threads):
     close(got_dw, dw, "backward_weight " + what)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, out_channels, k, stride, padding", CASES[:5])
+def test_bias_variants_match_paddle(ops, shape, out_channels, k, stride, padding, threads):
+    """The folded bias: conv + b forward, and (dw, db) from one backward call."""
+    x = paddle.randn(shape)
+    w = paddle.randn([out_channels, shape[1], k, k]) * 0.1
+    b = paddle.randn([out_channels])
+    y, dy, _, dw = reference(x, w, stride, padding)
+    what = f"{shape} -> {out_channels}, k{k} s{stride} p{padding}, {threads} thread(s)"
+    got = ops.conv2d_forward_bias(x, w, b, stride, padding, threads=threads)
+    close(got, y + b.reshape([1, -1, 1, 1]), "forward_bias " + what)
+    got_dw, got_db = ops.conv2d_backward_weight_bias(x, dy, stride, padding, [k, k], threads)
+    close(got_dw, dw, "backward_weight_bias (dw) " + what)
+    close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
+
+
+def test_bias_variants_on_an_empty_batch_and_a_bad_bias(ops):
+    x, w = paddle.randn([0, 4, 6, 6]), paddle.randn([8, 4, 3, 3])
+    assert ops.conv2d_forward_bias(x, w, paddle.zeros([8]), 1, 1).shape == [0, 8, 6, 6]
+    dw, db = ops.conv2d_backward_weight_bias(x, paddle.randn([0, 8, 6, 6]), 1, 1, [3, 3])
+    assert float(dw.abs().sum()) == 0.0 and db.shape == [8] and float(db.abs().sum()) == 0.0
+    with pytest.raises(RuntimeError, match="one entry per output channel"):
+        ops.conv2d_forward_bias(paddle.randn([1, 4, 6, 6]), w, paddle.zeros([4]), 1, 1)
+
+
 def test_repeated_calls_reuse_the_cache(ops):
     x, w = paddle.randn([5, 32, 11, 11]), paddle.randn([32, 32, 3, 3])
     first = ops.conv2d_forward(x, w, 2, 1).numpy()
