@@ -64,7 +64,8 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
     rng = np.random.default_rng(0)
     model = Conv4(w["channels"], WAYS, w["hidden"], w["pooling"], w["size"])
     first_order = algo.startswith("fo")
-    if algo.endswith("anil"):
+    anil = algo.endswith("anil")
+    if anil:
         learner = ANIL(model.features, model.head, lr=w["lr"], first_order=first_order)
     else:
         learner = MAML(model, lr=w["lr"], first_order=first_order)
@@ -83,8 +84,13 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
         # gradients are the meta-batch average because every loss is divided by its size.
         for b in range(rank, w["meta_batch"], world):
             clone = learner.clone()
-            for _ in range(w["steps"]):
-                clone.adapt(loss_fn(clone(xs[b]), ys))
+            if anil:  # as the peer's loop: support features once, then the head adapts
+                support = clone.embed(xs[b])
+                for _ in range(w["steps"]):
+                    clone.adapt(loss_fn(clone.head_forward(support), ys))
+            else:
+                for _ in range(w["steps"]):
+                    clone.adapt(loss_fn(clone(xs[b]), ys))
             (loss_fn(clone(xq[b]), yq) / w["meta_batch"]).backward()
         if world > 1:
             for p in params:

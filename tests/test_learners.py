@@ -143,6 +143,41 @@ def test_anil_adapts_only_the_head_and_features_get_meta_gradient():
     assert {id(p) for p in anil.parameters()} == {id(p) for p in model.parameters()}
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_features_computed_once_give_the_same_meta_gradient(first_order):
+    """embed() once + head_forward() per step equals calling the clone at every step."""
+    paddle.set_default_dtype("float64")
+    try:
+        paddle.seed(2)
+        model = Conv4(1, 5, hidden=4, image_size=16)
+        anil = ANIL(model.features, model.head, lr=0.5, first_order=first_order)
+        params = [p for p in anil.parameters() if not p.stop_gradient]
+        (xs, ys), (xq, yq) = _task(), _task(15)
+        results = []
+        for once in (False, True):
+            learner = anil.clone()
+            support = learner.embed(xs) if once else None
+            for _ in range(3):
+                logits = learner.head_forward(support) if once else learner(xs)
+                learner.adapt(nn.functional.cross_entropy(logits, ys))
+            query = learner.head_forward(learner.embed(xq)) if once else learner(xq)
+            loss = nn.functional.cross_entropy(query, yq)
+            results.append([g.numpy() for g in paddle.grad(loss, params)])
+        for a, b in zip(*results):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        # embed() on a clone keeps the clone's statistics (isolated): the model's stay.
+        before = _snapshot(model)
+        anil.clone().embed(xq)
+        _assert_same(before, model)
+        # On the meta-learner, the two halves are the plain features and head.
+        x = paddle.randn([3, 1, 16, 16])
+        np.testing.assert_allclose(
+            anil.head_forward(anil.embed(x)).numpy(), model.head(model.features(x)).numpy()
+        )
+    finally:
+        paddle.set_default_dtype("float32")
+
+
 def test_errors_are_clear():
     maml = MAML(nn.Linear(2, 1), lr=0.1)
     with pytest.raises(RuntimeError, match="clone"):

@@ -6,6 +6,7 @@ from typing import Any
 
 import paddle
 
+from ..functional import substituted
 from .base import RunningStats
 from .maml import MAML
 
@@ -66,6 +67,41 @@ class ANIL(MAML):
     def adapted_names(self) -> list[str]:
         """Only the head's parameters."""
         return [name for name in super().adapted_names() if name.startswith("head.")]
+
+    def embed(self, *args: Any, **kwargs: Any) -> Any:
+        """The features of an input: ``features(*args)``, with this clone's statistics.
+
+        The features are never adapted, so their output on a support set is the same at
+        every inner step: compute it once and adapt the head on it with
+        :meth:`head_forward`, instead of calling the clone (features and head) at every
+        step. Second-order meta-gradients still reach the features through it.
+
+        Example:
+            >>> import paddle
+            >>> from paddlefsl.metaopt import ANIL
+            >>> features = paddle.nn.Sequential(paddle.nn.Linear(4, 16), paddle.nn.ReLU())
+            >>> anil = ANIL(features, paddle.nn.Linear(16, 3), lr=0.5)
+            >>> x, y = paddle.randn([6, 4]), paddle.to_tensor([0, 1, 2, 0, 1, 2])
+            >>> learner = anil.clone()
+            >>> support = learner.embed(x)  # once
+            >>> for _ in range(3):
+            ...     logits = learner.head_forward(support)
+            ...     learner.adapt(paddle.nn.functional.cross_entropy(logits, y))
+            >>> bool(paddle.allclose(learner(x), learner.head_forward(support)))
+            True
+
+        """
+        if self._fast is None:
+            return self.module.features(*args, **kwargs)
+        with substituted(self.module, self._substitutions()):
+            return self.module.features(*args, **kwargs)
+
+    def head_forward(self, embedding: Any) -> Any:
+        """The head, with this clone's fast weights, on the output of :meth:`embed`."""
+        if self._fast is None:
+            return self.module.head(embedding)
+        with substituted(self.module, self._substitutions()), self._scope():
+            return self.module.head(embedding)
 
     def _forward_adapted(self, *args: Any, **kwargs: Any) -> Any:
         # The features need no second-order graph: only the head is differentiated twice.

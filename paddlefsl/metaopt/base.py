@@ -162,10 +162,14 @@ class BaseLearner(paddle.nn.Layer):
         """Run the model; on a clone, with its fast weights and statistics."""
         if self._fast is None:
             return self.module(*args, **kwargs)
+        with substituted(self.module, self._substitutions()):
+            return self._forward_adapted(*args, **kwargs)
+
+    def _substitutions(self) -> dict[str, paddle.Tensor]:
+        """What a clone's calls run the model with: its statistics and fast weights."""
         tensors = dict(self._stats or {})
         tensors.update(self._fast)
-        with substituted(self.module, tensors):
-            return self._forward_adapted(*args, **kwargs)
+        return tensors
 
     def _forward_adapted(self, *args: Any, **kwargs: Any) -> Any:
         """The model call on a clone (substitution already in place)."""

@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ..metaopt import ANIL
 from .errors import ConfigError
 
 __all__ = [
@@ -114,6 +115,11 @@ def adapt(
         True
 
     """
+    if isinstance(learner, ANIL):  # the features do not adapt: run them once
+        support = learner.embed(x)
+        for _ in range(steps):
+            learner.adapt(objective.loss(learner.head_forward(support), y))
+        return learner
     for _ in range(steps):
         learner.adapt(objective.loss(learner(x), y))
     return learner
