@@ -88,6 +88,7 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
                 support = clone.embed(xs[b])
                 for _ in range(w["steps"]):
                     clone.adapt(loss_fn(clone.head_forward(support), ys))
+                del support  # the adapted head holds what second order needs of it
             else:
                 for _ in range(w["steps"]):
                     clone.adapt(loss_fn(clone(xs[b]), ys))

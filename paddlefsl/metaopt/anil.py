@@ -74,7 +74,9 @@ class ANIL(MAML):
         The features are never adapted, so their output on a support set is the same at
         every inner step: compute it once and adapt the head on it with
         :meth:`head_forward`, instead of calling the clone (features and head) at every
-        step. Second-order meta-gradients still reach the features through it.
+        step. Second-order meta-gradients still reach the features through it. Drop
+        your reference to it before the query pass: the adapted head keeps alive what
+        second order needs, and first order needs none of it.
 
         Example:
             >>> import paddle
