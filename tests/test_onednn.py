@@ -233,3 +233,27 @@ def test_bad_include_folder_is_reported(ops, probe):
     assert "PADDLEFSL_ONEDNN_INCLUDE" in reason and "no-headers-here" in reason
     assert len(result["warnings"]) == 1 and "PADDLEFSL_ONEDNN_INCLUDE" in result["warnings"][0]
     assert not cache.exists() or not any(cache.rglob("*.so"))  # nothing was built
+
+
+def test_prune_cache_keeps_the_recently_used_and_the_busy(tmp_path):
+    """Old builds go; the newest few, the one in use and one being built stay."""
+    import fcntl
+
+    from paddlefsl.ops import _onednn_build
+
+    now = 1_700_000_000
+    for age in range(7):  # entry0 is the most recently used
+        entry = tmp_path / f"entry{age}"
+        entry.mkdir()
+        (entry / "lib.so").write_bytes(b"x")
+        (entry / "last_used").touch()
+        os.utime(entry / "last_used", (now - age * 100, now - age * 100))
+    current = tmp_path / "entry6"  # the oldest, but the one this process uses
+    (tmp_path / ".entry9.tmp-abc").mkdir()  # a build in progress elsewhere
+    with open(tmp_path / "entry5.lock", "a+") as busy:
+        fcntl.flock(busy, fcntl.LOCK_EX)
+        deleted = _onednn_build.prune_cache(tmp_path, keep=current, entries=2)
+    assert sorted(p.name for p in deleted) == ["entry2", "entry3", "entry4"]
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+    assert left == [".entry9.tmp-abc", "entry0", "entry1", "entry5", "entry6"]
+    assert _onednn_build.prune_cache(tmp_path / "missing", keep=current) == []

@@ -127,7 +127,66 @@ def library_path() -> Path:
     so_path = final / f"{_NAME}.so"
     if not so_path.is_file():
         _build_locked(_cache_root(), final, libs, headers)
+        prune_cache(_cache_root(), keep=final)
+    _mark_used(final)
     return so_path
+
+
+#: Cache entries kept besides the one in use: other Paddle installations sharing the cache
+#: keep theirs, while each new source version (an upgrade) no longer adds 5-7 MB for good.
+CACHE_ENTRIES_KEPT = 4
+_USED = "last_used"
+
+
+def _mark_used(entry: Path) -> None:
+    try:
+        (entry / _USED).touch()
+    except OSError:  # a read-only shared cache: the entry is only less likely to be kept
+        pass
+
+
+def prune_cache(root: Path, keep: Path, entries: int = CACHE_ENTRIES_KEPT) -> list[Path]:
+    """Delete all but the ``entries`` most recently used builds in ``root`` (and ``keep``).
+
+    An entry being built or loaded elsewhere holds its lock and is left alone; deleting a
+    library that a running process has loaded is harmless on Linux. Returns what was
+    deleted. Never raises.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> root = Path(tempfile.mkdtemp())
+        >>> prune_cache(root, keep=root / "current")
+        []
+
+    """
+    import fcntl
+
+    def last_use(entry: Path) -> float:
+        marker = entry / _USED
+        return (marker if marker.exists() else entry).stat().st_mtime
+
+    try:
+        builds = [
+            entry
+            for entry in root.iterdir()
+            if entry.is_dir() and not entry.name.startswith(".") and entry != keep
+        ]
+        builds.sort(key=last_use, reverse=True)
+    except OSError:
+        return []
+    deleted = []
+    for entry in builds[max(entries, 0) :]:
+        lock_path = root / f"{entry.name}.lock"
+        try:
+            with open(lock_path, "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # busy: OSError, skip
+                shutil.rmtree(entry)
+                lock_path.unlink()
+            deleted.append(entry)
+        except OSError:
+            continue
+    return deleted
 
 
 def paddle_libs() -> Path:
@@ -453,10 +512,13 @@ y = paddle.nn.functional.conv2d(x, w, stride=2, padding=1)
 dy = paddle.randn(y.shape)
 dx, dw = paddle.grad([y], [x, w], [dy])
 x, w = x.detach(), w.detach()
+bias = paddle.randn([8])
 got = [ops.onednn_conv2d_forward(x, w, [2, 2], [1, 1], 1),
        ops.onednn_conv2d_backward_data(dy, w, [2, 2], [1, 1], [9, 9], 1),
-       ops.onednn_conv2d_backward_weight(x, dy, [2, 2], [1, 1], [3, 3], 1)]
-want = [y, dx, dw]
+       ops.onednn_conv2d_backward_weight(x, dy, [2, 2], [1, 1], [3, 3], 1),
+       ops.onednn_conv2d_forward_bias(x, w, bias, [2, 2], [1, 1], 1)]
+got += ops.onednn_conv2d_backward_weight_bias(x, dy, [2, 2], [1, 1], [3, 3], 1)
+want = [y, dx, dw, y + bias.reshape([1, 8, 1, 1]), dw, dy.sum([0, 2, 3])]
 # The memory-bound layers against Paddle's own kernels.
 F = paddle.nn.functional
 x = paddle.randn([4, 8, 6, 6]); b = paddle.rand([8]) + 0.5
@@ -466,8 +528,9 @@ got += [ops.pfsl_channel_bias_add(x, b, 2), ops.pfsl_channel_sum(x, 2), ops.pfsl
 want += [x + b.reshape([1, 8, 1, 1]), x.sum([0, 2, 3]), F.relu(x),
          F.batch_norm(x, paddle.zeros([8]), paddle.ones([8]), b, b, training=True),
          F.max_pool2d(x, 2, 2)]
-names = ("forward", "backward_data", "backward_weight", "channel_bias_add", "channel_sum",
-         "relu", "batch_norm_train", "max_pool2d")
+names = ("forward", "backward_data", "backward_weight", "forward_bias", "filter_of_bias",
+         "bias_gradient", "channel_bias_add", "channel_sum", "relu", "batch_norm_train",
+         "max_pool2d")
 for name, a_, b_ in zip(names, got, want):
     a_, b_ = a_.numpy(), b_.numpy()
     err = float(np.abs(a_ - b_).max() / np.abs(b_).max())
