@@ -388,17 +388,33 @@ paddle::Tensor contiguous(const paddle::Tensor& t) {
 
 // ------------------------------------------------------------------------- kernels
 
+namespace {
+// The forward op, with (b != nullptr) or without the folded bias.
+std::vector<paddle::Tensor> forward(Kind kind, const paddle::Tensor& x, const paddle::Tensor& w,
+                                    const paddle::Tensor* b, const std::vector<int>& strides,
+                                    const std::vector<int>& paddings, int threads) {
+  const char* op = kind_name(kind);
+  check_tensor(op, "x", x);
+  check_tensor(op, "w", w);
+  if (b != nullptr) check_tensor(op, "b", *b, 1);
+  const Geometry g = make_geometry(op, x.shape(), w.shape(), strides, paddings);
+  PD_CHECK(b == nullptr || b->numel() == g.o, op,
+           ": the bias must have one entry per output channel (", g.o, "), got ",
+           b == nullptr ? 0 : b->numel());
+  auto y = paddle::empty({g.n, g.o, g.oh, g.ow}, paddle::DataType::FLOAT32,
+                         paddle::CPUPlace());
+  paddle::Tensor bias = b == nullptr ? paddle::Tensor() : contiguous(*b);
+  if (g.n > 0) {
+    run(kind, g, threads, contiguous(x), contiguous(w), y, b == nullptr ? nullptr : &bias);
+  }
+  return {y};
+}
+}  // namespace
+
 std::vector<paddle::Tensor> ForwardKernel(const paddle::Tensor& x, const paddle::Tensor& w,
                                           const std::vector<int>& strides,
                                           const std::vector<int>& paddings, int threads) {
-  const char* op = kind_name(kForward);
-  check_tensor(op, "x", x);
-  check_tensor(op, "w", w);
-  const Geometry g = make_geometry(op, x.shape(), w.shape(), strides, paddings);
-  auto y = paddle::empty({g.n, g.o, g.oh, g.ow}, paddle::DataType::FLOAT32,
-                         paddle::CPUPlace());
-  if (g.n > 0) run(kForward, g, threads, contiguous(x), contiguous(w), y);
-  return {y};
+  return forward(kForward, x, w, nullptr, strides, paddings, threads);
 }
 
 std::vector<paddle::Tensor> ForwardBiasKernel(const paddle::Tensor& x, const paddle::Tensor& w,
@@ -406,18 +422,7 @@ std::vector<paddle::Tensor> ForwardBiasKernel(const paddle::Tensor& x, const pad
                                               const std::vector<int>& strides,
                                               const std::vector<int>& paddings,
                                               int threads) {
-  const char* op = kind_name(kForwardBias);
-  check_tensor(op, "x", x);
-  check_tensor(op, "w", w);
-  check_tensor(op, "b", b, 1);
-  const Geometry g = make_geometry(op, x.shape(), w.shape(), strides, paddings);
-  PD_CHECK(b.numel() == g.o, op, ": the bias must have one entry per output channel (",
-           g.o, "), got ", b.numel());
-  auto y = paddle::empty({g.n, g.o, g.oh, g.ow}, paddle::DataType::FLOAT32,
-                         paddle::CPUPlace());
-  auto bias = contiguous(b);
-  if (g.n > 0) run(kForwardBias, g, threads, contiguous(x), contiguous(w), y, &bias);
-  return {y};
+  return forward(kForwardBias, x, w, &b, strides, paddings, threads);
 }
 
 std::vector<paddle::Tensor> BackwardDataKernel(const paddle::Tensor& dy,
@@ -442,13 +447,14 @@ std::vector<paddle::Tensor> BackwardDataKernel(const paddle::Tensor& dy,
   return {dx};
 }
 
-std::vector<paddle::Tensor> BackwardWeightKernel(const paddle::Tensor& x,
-                                                 const paddle::Tensor& dy,
-                                                 const std::vector<int>& strides,
-                                                 const std::vector<int>& paddings,
-                                                 const std::vector<int>& kernel_hw,
-                                                 int threads) {
-  const char* op = kind_name(kBackwardWeight);
+namespace {
+// The filter gradient, and with kind kBackwardWeightBias also the bias gradient.
+std::vector<paddle::Tensor> backward_weight(Kind kind, const paddle::Tensor& x,
+                                            const paddle::Tensor& dy,
+                                            const std::vector<int>& strides,
+                                            const std::vector<int>& paddings,
+                                            const std::vector<int>& kernel_hw, int threads) {
+  const char* op = kind_name(kind);
   check_tensor(op, "x", x);
   check_tensor(op, "dy", dy);
   check_pair(op, "kernel_hw", kernel_hw, 1);
@@ -457,10 +463,31 @@ std::vector<paddle::Tensor> BackwardWeightKernel(const paddle::Tensor& x,
   const std::vector<int64_t> ws{ds[1], xs[1], kernel_hw[0], kernel_hw[1]};
   const Geometry g = make_geometry(op, xs, ws, strides, paddings);
   check_dy(op, g, ds, "kernel_hw");
-  if (g.n == 0) return {paddle::full(ws, 0.0, paddle::DataType::FLOAT32, paddle::CPUPlace())};
-  auto dw = paddle::empty(ws, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  run(kBackwardWeight, g, threads, contiguous(x), contiguous(dy), dw);
-  return {dw};
+  const bool with_db = kind == kBackwardWeightBias;
+  const auto cpu = paddle::CPUPlace();
+  if (g.n == 0) {  // an empty batch: zero gradients
+    std::vector<paddle::Tensor> zeros{paddle::full(ws, 0.0, paddle::DataType::FLOAT32, cpu)};
+    if (with_db) zeros.push_back(paddle::full({g.o}, 0.0, paddle::DataType::FLOAT32, cpu));
+    return zeros;
+  }
+  auto dw = paddle::empty(ws, paddle::DataType::FLOAT32, cpu);
+  if (!with_db) {
+    run(kind, g, threads, contiguous(x), contiguous(dy), dw);
+    return {dw};
+  }
+  auto db = paddle::empty({g.o}, paddle::DataType::FLOAT32, cpu);
+  run(kind, g, threads, contiguous(x), contiguous(dy), dw, &db);
+  return {dw, db};
+}
+}  // namespace
+
+std::vector<paddle::Tensor> BackwardWeightKernel(const paddle::Tensor& x,
+                                                 const paddle::Tensor& dy,
+                                                 const std::vector<int>& strides,
+                                                 const std::vector<int>& paddings,
+                                                 const std::vector<int>& kernel_hw,
+                                                 int threads) {
+  return backward_weight(kBackwardWeight, x, dy, strides, paddings, kernel_hw, threads);
 }
 
 std::vector<paddle::Tensor> BackwardWeightBiasKernel(const paddle::Tensor& x,
@@ -469,23 +496,7 @@ std::vector<paddle::Tensor> BackwardWeightBiasKernel(const paddle::Tensor& x,
                                                      const std::vector<int>& paddings,
                                                      const std::vector<int>& kernel_hw,
                                                      int threads) {
-  const char* op = kind_name(kBackwardWeightBias);
-  check_tensor(op, "x", x);
-  check_tensor(op, "dy", dy);
-  check_pair(op, "kernel_hw", kernel_hw, 1);
-  const auto xs = x.shape();
-  const auto ds = dy.shape();
-  const std::vector<int64_t> ws{ds[1], xs[1], kernel_hw[0], kernel_hw[1]};
-  const Geometry g = make_geometry(op, xs, ws, strides, paddings);
-  check_dy(op, g, ds, "kernel_hw");
-  if (g.n == 0) {
-    return {paddle::full(ws, 0.0, paddle::DataType::FLOAT32, paddle::CPUPlace()),
-            paddle::full({g.o}, 0.0, paddle::DataType::FLOAT32, paddle::CPUPlace())};
-  }
-  auto dw = paddle::empty(ws, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  auto db = paddle::empty({g.o}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  run(kBackwardWeightBias, g, threads, contiguous(x), contiguous(dy), dw, &db);
-  return {dw, db};
+  return backward_weight(kBackwardWeightBias, x, dy, strides, paddings, kernel_hw, threads);
 }
 
 // ------------------------------------------------------- shape / dtype inference
