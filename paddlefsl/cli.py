@@ -328,7 +328,7 @@ def _spawn_training(config: Any, progress: bool, resume: bool) -> int:
     try:
         while not context.join():
             pass
-    except Exception:  # noqa: BLE001  (a worker exited non-zero)
+    except Exception as error:  # noqa: BLE001  (a worker exited non-zero)
         codes = [p.exitcode for p in context.processes]
         # spawn() stops the other processes with SIGTERM once one has exited non-zero, so
         # a SIGTERM death is a consequence; any other signal (SIGKILL from the OOM killer,
@@ -345,7 +345,16 @@ def _spawn_training(config: Any, progress: bool, resume: bool) -> int:
         if codes[0] and codes[0] >= 128:
             return codes[0]  # rank 0 was interrupted and has saved
         failed = [code for code in codes if code]
-        return max(failed) if all(code > 0 for code in failed) else 1
+        # The processes other than rank 0 report nothing themselves (one report per run):
+        # what spawn() relays of the failure (a traceback for an unexpected error) is
+        # the only account of it.
+        print(
+            f"paddlefsl train: a training process failed (exit codes {codes}): "
+            f"{str(error).strip() or type(error).__name__}\nThe last checkpoint written is "
+            f"kept. Continue with: paddlefsl train --resume --output {config.output}",
+            file=sys.stderr,
+        )
+        return max(failed) if failed and all(code > 0 for code in failed) else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

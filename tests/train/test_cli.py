@@ -107,3 +107,31 @@ def test_sinusoid_subcommand_forwards_argv(monkeypatch):
     monkeypatch.setitem(sys.modules, "paddlefsl.demos.sinusoid", demo)
     assert main(["sinusoid", "--iterations", "7", "--help"]) == 0
     assert calls == [["--iterations", "7", "--help"]]
+
+
+def test_a_failed_training_process_is_reported(capsys, monkeypatch, tmp_path):
+    """--nproc: a worker's unexpected error reaches the user (the others stay quiet)."""
+    import paddle.distributed as dist
+
+    from paddlefsl import cli
+
+    class Process:
+        def __init__(self, code):
+            self.exitcode, self.pid = code, 0
+
+        def is_alive(self):
+            return False
+
+    class Context:
+        processes = [Process(-15), Process(1)]  # rank 1 failed; spawn stopped rank 0
+
+        def join(self):
+            raise RuntimeError("Process 1 terminated with the following error:\nboom: gloo")
+
+    monkeypatch.setattr(dist, "spawn", lambda *args, **kwargs: Context())
+    config = types.SimpleNamespace(nproc=2, output=str(tmp_path / "run"))
+    assert cli._spawn_training(config, False, False) == 1
+    err = capsys.readouterr().err
+    assert "a training process failed (exit codes [-15, 1])" in err
+    assert "boom: gloo" in err
+    assert f"paddlefsl train --resume --output {tmp_path / 'run'}" in err
