@@ -20,7 +20,7 @@ from typing import Protocol
 
 import paddle
 
-from ._common import tracks_grad
+from ._common import creating_graph, tracks_grad
 from ._registry import native
 
 __all__ = ["ConvGeometry", "ConvKernels", "NATIVE_KERNELS", "conv2d", "conv2d_bias"]
@@ -209,7 +209,7 @@ class _FilterAndBias(paddle.autograd.PyLayer):
     @staticmethod
     def backward(ctx, g):
         x = ctx.held_x.tensor
-        if paddle.is_grad_enabled():  # recorded (create_graph): stay differentiable
+        if creating_graph():  # stay differentiable
             return _apply("W", x, g, ctx.kernels, ctx.geo), g.sum([0, 2, 3])
         return ctx.kernels.backward_weight_bias(x, g, ctx.geo)
 
