@@ -99,7 +99,18 @@ class ANIL(MAML):
             return self.module.features(*args, **kwargs)
 
     def head_forward(self, embedding: Any) -> Any:
-        """The head, with this clone's fast weights, on the output of :meth:`embed`."""
+        """The head, with this clone's fast weights, on the output of :meth:`embed`.
+
+        Example:
+            >>> import paddle
+            >>> from paddlefsl.metaopt import ANIL
+            >>> anil = ANIL(paddle.nn.Linear(4, 8), paddle.nn.Linear(8, 3), lr=0.5)
+            >>> learner = anil.clone()
+            >>> x = paddle.randn([2, 4])
+            >>> bool(paddle.allclose(learner.head_forward(learner.embed(x)), learner(x)))
+            True
+
+        """
         if self._fast is None:
             return self.module.head(embedding)
         with substituted(self.module, self._substitutions()), self._scope():
