@@ -13,6 +13,7 @@ from paddle import nn
 from paddlefsl.metaopt import ANIL, MAML, check_second_order
 from paddlefsl.models import Conv4
 from paddlefsl.ops import conv as conv_ops
+from paddlefsl.ops import conv_graph
 from paddlefsl.ops.conv_graph import NATIVE_KERNELS, ConvGeometry, conv2d, conv2d_bias
 
 CASES = [  # batch, in channels, size, out channels, stride, padding
@@ -192,6 +193,10 @@ def test_conv4_meta_gradient_through_the_fast_path(monkeypatch):
     monkeypatch.setattr(conv_ops, "MIN_FAST_CHANNELS", 1)
     monkeypatch.setattr(conv_ops, "_FAST", [NATIVE_KERNELS])
     calls = []
+    whole = conv_graph._WholeConv.apply
+    monkeypatch.setattr(
+        conv_graph._WholeConv, "apply", lambda *a: calls.append("whole") or whole(*a)
+    )
     for name in ("_graph_conv2d", "_graph_conv2d_bias"):
         real = getattr(conv_ops, name)
         monkeypatch.setattr(
@@ -206,6 +211,7 @@ def test_conv4_meta_gradient_through_the_fast_path(monkeypatch):
     )
     # Conv4's convolutions have biases: they take the fused-bias graph.
     assert "_graph_conv2d_bias" in calls, "the convolutions did not take the fast path"
+    assert "whole" in calls, "the hidden convolutions were not recorded as whole nodes"
     assert report.ok, str(report)
     assert abs(report.first_order - report.numeric) > 1e-3 * abs(report.numeric), str(report)
 
@@ -324,3 +330,95 @@ def test_conv2d_layers_fold_their_bias_and_uninstall_restores(monkeypatch):
         np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(gx.numpy(), gx_ref.numpy(), rtol=1e-4, atol=1e-3)
     assert paddle.nn.functional.conv._conv_nd is not native_conv_nd
+
+
+def _whole_tower(case, bias, whole):
+    """Value and first/second-order gradients of a conv, in or out of the whole scope."""
+    from paddlefsl import ops
+
+    n, c, size, o, s, p = case
+    start = _bias_start(case)
+    x = paddle.to_tensor(start[0], stop_gradient=False)
+    w = paddle.to_tensor(start[1], stop_gradient=False)
+    b = paddle.to_tensor(start[2], stop_gradient=False)
+    geo = ConvGeometry((s, s), (p, p), (size, size), (3, 3))
+    with ops.whole_gradient_scope(whole):
+        y = conv2d_bias(x, w, b, geo, NATIVE_KERNELS) if bias else conv2d(x, w, geo, NATIVE_KERNELS)
+    inputs = [x, w, b] if bias else [x, w]
+    draw = np.random.default_rng(4)
+    loss = (y * y * paddle.to_tensor(draw.standard_normal(y.shape))).sum()
+    first = paddle.grad(loss, inputs, create_graph=True)
+    second_loss = sum(
+        (g * g * paddle.to_tensor(draw.standard_normal(g.shape))).sum() for g in first
+    )
+    second = paddle.grad(second_loss, inputs)
+    return y.grad_fn.name(), [t.numpy() for t in (y, *first, *second)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", CASES[:3])
+def test_whole_node_equals_one_node_per_input(case, bias):
+    """Inside whole_gradient_scope a convolution is one node of x, w (and b): same tower."""
+    node, ours = _whole_tower(case, bias, whole=True)
+    split_node, ref = _whole_tower(case, bias, whole=False)
+    assert "WholeConv" in node and "WholeConv" not in split_node, (node, split_node)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
+
+
+def test_whole_node_third_order_matches_finite_differences():
+    from paddlefsl import ops
+
+    with ops.whole_gradient_scope():
+        test_biased_convolution_third_order_matches_finite_differences()
+        test_third_order_matches_finite_differences(CASES[1])
+
+
+class _ScopeProbe(nn.Layer):
+    """Records whether each call runs inside the whole-gradient scope."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+        self.scale = self.create_parameter([1], default_initializer=nn.initializer.Constant(1.0))
+
+    def forward(self, x):
+        from paddlefsl import ops
+
+        self.seen.append(ops.in_whole_gradient_scope())
+        return (x[0] if isinstance(x, list) else x) * self.scale
+
+
+def test_learners_enter_the_whole_gradient_scope_only_where_it_holds():
+    seen = []
+    x = paddle.randn([4, 3])
+    maml = MAML(nn.Sequential(_ScopeProbe(seen), nn.Linear(3, 2)), lr=0.1)
+    learner = maml.clone()
+    learner(x)  # adapts every parameter, input needs no gradient
+    tracked = x.detach()
+    tracked.stop_gradient = False
+    learner(tracked)  # the input requires grad: an adapt would prune it
+    learner([tracked])  # also inside a container
+    frozen_probe = MAML(nn.Sequential(_ScopeProbe(seen), nn.Linear(3, 2)), lr=0.1)
+    frozen_probe.module[1].weight.stop_gradient = True
+    frozen_probe.clone()(x)  # a frozen weight is no obstacle
+    assert seen == [True, False, False, True]
+
+    seen.clear()
+    anil = ANIL(_ScopeProbe(seen), nn.Sequential(_ScopeProbe(seen), nn.Linear(3, 2)), lr=0.1)
+    learner = anil.clone()
+    learner(x)  # features in (adapt prunes them whole), head out (its input is not adapted)
+    learner.head_forward(learner.embed(x))
+    assert seen == [True, False, True, False]
+
+
+def test_narrowed_adaptation_stays_out_of_the_whole_gradient_scope():
+    seen = []
+
+    class HeadOnly(MAML):
+        def adapted_names(self):
+            return [n for n in super().adapted_names() if n.startswith("1.")]
+
+    learner = HeadOnly(nn.Sequential(_ScopeProbe(seen), nn.Linear(3, 2)), lr=0.1).clone()
+    learner(paddle.randn([4, 3]))
+    assert seen == [False]

@@ -118,3 +118,16 @@ def test_tune_allocator_applies_on_linux_glibc():
         assert result is True
     else:
         assert result is False
+
+
+def test_named_grad_explains_a_partial_request_through_a_multi_input_op():
+    """The known limitation surfaces as an error that names the way out."""
+    from paddlefsl import ops
+
+    ops.install()
+    net = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4))
+    x = paddle.randn([2, 3, 6, 6])
+    x.stop_gradient = False
+    with pytest.raises(RuntimeError, match="uninstall") as info:
+        named_grad(net(x).square().sum(), {"x": x})
+    assert "should return None" in str(info.value)

@@ -33,6 +33,16 @@ class SecondOrderUnsupportedError(RuntimeError):
         )
 
 
+# Paddle's message when a PyLayer returns a gradient for an input that paddle.grad pruned.
+_PARTIAL_REQUEST = "backward function should return None at"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    found = [line for line in lines if _PARTIAL_REQUEST in line]
+    return (found or lines or [type(error).__name__])[0][:300]
+
+
 def _missing_op(error: BaseException) -> str | None:
     text = str(error)
     for pattern in _MISSING_DOUBLE_GRAD:
@@ -88,6 +98,15 @@ def named_grad(
         op = _missing_op(error) if create_graph else None
         if op is not None:
             raise SecondOrderUnsupportedError(op, str(error)) from error
+        if _PARTIAL_REQUEST in str(error):
+            raise RuntimeError(
+                "this gradient asks for some inputs of a paddlefsl op (BatchNorm, a "
+                "convolution's filter and bias) but not for others that also require a "
+                "gradient, which Paddle cannot tell the op (see 'Known limitation' in the "
+                "concepts docs). Ask for all of them, set stop_gradient=True on the "
+                "tensors you do not want gradients for, or call paddlefsl.ops.uninstall() "
+                f"for this computation. Paddle said: {_first_line(error)}"
+            ) from error
         raise
     result = dict(zip(names, grads))
     if not allow_unused:

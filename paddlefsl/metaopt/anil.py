@@ -95,7 +95,7 @@ class ANIL(MAML):
         """
         if self._fast is None:
             return self.module.features(*args, **kwargs)
-        with substituted(self.module, self._substitutions()):
+        with substituted(self.module, self._substitutions()), self._features_scope(args, kwargs):
             return self.module.features(*args, **kwargs)
 
     def head_forward(self, embedding: Any) -> Any:
@@ -118,6 +118,13 @@ class ANIL(MAML):
 
     def _forward_adapted(self, *args: Any, **kwargs: Any) -> Any:
         # The features need no second-order graph: only the head is differentiated twice.
-        hidden = self.module.features(*args, **kwargs)
+        with self._features_scope(args, kwargs):
+            hidden = self.module.features(*args, **kwargs)
         with self._scope():
             return self.module.head(hidden)
+
+    def _features_scope(self, args: tuple, kwargs: dict):
+        # adapt() asks for the head only, which the features do not reach: it prunes all
+        # of the features' ops. The head's ops get features that require grad but are
+        # not adapted, so they stay out of the scope.
+        return self._whole_gradient(True, args, kwargs)

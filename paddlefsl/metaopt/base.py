@@ -61,6 +61,8 @@ class BaseLearner(paddle.nn.Layer):
         # Set on clones only: structured name -> current fast weight / statistic.
         self._fast: dict[str, paddle.Tensor] | None = None
         self._stats: dict[str, paddle.Tensor] | None = None
+        # On clones: whether they adapt every trainable tensor of the module.
+        self._adapts_all = False
         # Needed for exact second order, and faster in first order too (see paddlefsl.ops).
         ops.install()
 
@@ -113,6 +115,11 @@ class BaseLearner(paddle.nn.Layer):
             params = adaptable_parameters(self.module)
             new.__dict__["_fast"] = {name: params[name] for name in self.adapted_names()}
             source_stats = running_statistics(self.module)
+            # Every tensor that requires grad in a call then depends on adapted weights
+            # (given inputs that require none): see _whole_gradient.
+            new.__dict__["_adapts_all"] = len(new._fast) == len(params) and all(
+                t.stop_gradient for t in source_stats.values()
+            )
         else:
             new.__dict__["_fast"] = dict(self._fast)
             source_stats = self._stats or running_statistics(self.module)
@@ -173,11 +180,22 @@ class BaseLearner(paddle.nn.Layer):
 
     def _forward_adapted(self, *args: Any, **kwargs: Any) -> Any:
         """The model call on a clone (substitution already in place)."""
-        with self._scope():
+        with self._scope(), self._whole_gradient(self._adapts_all, args, kwargs):
             return self.module(*args, **kwargs)
 
     def _scope(self):
         return nullcontext() if self.first_order else ops.second_order_scope()
+
+    @staticmethod
+    def _whole_gradient(adapts_all: bool, args: tuple, kwargs: dict):
+        """:func:`paddlefsl.ops.whole_gradient_scope` when it holds for this call.
+
+        ``adapt`` asks for the gradients of all adapted weights and ``backward()`` for
+        everything. If the clone adapts every trainable tensor of the model and no input
+        requires grad, every op input that requires grad depends on adapted weights, so
+        neither call prunes some inputs of an op but not others.
+        """
+        return ops.whole_gradient_scope(adapts_all and not _requires_grad((args, kwargs)))
 
     def _require_clone(self, what: str) -> None:
         if self._fast is None:
@@ -189,3 +207,14 @@ class BaseLearner(paddle.nn.Layer):
     def extra_repr(self) -> str:
         kind = "clone" if self.is_clone else "meta-learner"
         return f"{kind}, first_order={self.first_order}, running_stats={self.running_stats!r}"
+
+
+def _requires_grad(value: Any) -> bool:
+    """Whether a call argument holds a tensor that requires grad (in lists, dicts...)."""
+    if isinstance(value, paddle.Tensor):
+        return not value.stop_gradient
+    if isinstance(value, (list, tuple)):
+        return any(_requires_grad(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_requires_grad(v) for v in value.values())
+    return False

@@ -24,12 +24,14 @@ Example:
 from . import activation, bias, conv, layers, loss, norm, pool, reduce  # noqa: F401
 from ._registry import (
     in_second_order_scope,
+    in_whole_gradient_scope,
     install,
     is_installed,
     native,
     patched_ops,
     second_order_scope,
     uninstall,
+    whole_gradient_scope,
 )
 
 __all__ = [
@@ -40,4 +42,6 @@ __all__ = [
     "native",
     "second_order_scope",
     "in_second_order_scope",
+    "whole_gradient_scope",
+    "in_whole_gradient_scope",
 ]

@@ -27,6 +27,8 @@ __all__ = [
     "native",
     "second_order_scope",
     "in_second_order_scope",
+    "whole_gradient_scope",
+    "in_whole_gradient_scope",
 ]
 
 # name -> factory(native_fn) -> replacement_fn
@@ -154,3 +156,45 @@ def second_order_scope() -> Iterator[None]:
 def in_second_order_scope() -> bool:
     """Whether the current thread is inside :func:`second_order_scope`."""
     return getattr(_SCOPE, "depth", 0) > 0
+
+
+@contextmanager
+def whole_gradient_scope(enabled: bool = True) -> Iterator[None]:
+    """Mark a forward pass whose graph is only ever differentiated "whole".
+
+    That is: every ``paddle.grad`` over the graph recorded inside asks, for each op, for
+    the gradients of all of the op's inputs that require one, or of none of them
+    (``backward()`` always does). Inside, a replacement may record a convolution as one
+    graph node with several differentiable inputs, which is faster than one node per
+    input. Paddle 3.3.1 raises when a ``paddle.grad`` prunes some inputs of such a node
+    (a PyLayer cannot see which ones), so outside this scope every convolution node has
+    one differentiable input.
+
+    Learners enter it around a clone's model call when that holds by construction: the
+    clone adapts every trainable parameter of its model and the call's inputs require no
+    gradient, so every tensor that requires one inside depends on adapted weights.
+
+    Args:
+        enabled: ``False`` gives a no-op scope (convenient for conditional use); a scope
+            nested inside an enabled one stays enabled.
+
+    Example:
+        >>> from paddlefsl import ops
+        >>> with ops.whole_gradient_scope():
+        ...     ops.in_whole_gradient_scope()
+        True
+        >>> ops.in_whole_gradient_scope()
+        False
+
+    """
+    depth = getattr(_SCOPE, "whole", 0)
+    _SCOPE.whole = depth + int(bool(enabled))
+    try:
+        yield
+    finally:
+        _SCOPE.whole = depth
+
+
+def in_whole_gradient_scope() -> bool:
+    """Whether the current thread is inside an enabled :func:`whole_gradient_scope`."""
+    return getattr(_SCOPE, "whole", 0) > 0

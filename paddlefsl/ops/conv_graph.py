@@ -21,7 +21,7 @@ from typing import Protocol
 import paddle
 
 from ._common import creating_graph, tracks_grad
-from ._registry import native
+from ._registry import in_whole_gradient_scope, native
 
 __all__ = ["ConvGeometry", "ConvKernels", "NATIVE_KERNELS", "conv2d", "conv2d_bias"]
 
@@ -110,6 +110,8 @@ def _apply(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> 
     need_a, need_b = tracks_grad(a), tracks_grad(b)
     if not (need_a or need_b):
         return _run(op, a, b, k, geo)
+    if op == "F" and need_a and need_b and in_whole_gradient_scope():
+        return _WholeConv.apply(a, b, None, k, geo)
     if not need_b:
         return _OneInput.apply(a, _Held(b), 0, op, k, geo, None)
     if not need_a:
@@ -168,6 +170,37 @@ class _OneInput(paddle.autograd.PyLayer):
         kernel, first, second = _VJP[ctx.op][ctx.index]
         named = {"g": g, "a": ctx.held.tensor, "b": ctx.held.tensor}
         return _apply(kernel, named[first], named[second], ctx.kernels, ctx.geo)
+
+
+class _WholeConv(paddle.autograd.PyLayer):
+    """``conv(x, w) (+ b)`` as one node of all its inputs (only in a whole-gradient scope).
+
+    Saves the zero-filled output and the add that the one-input-per-node form needs to
+    join its nodes, and a graph node, on every call. Valid only where no ``paddle.grad``
+    asks for some of the inputs but not the others (see
+    :func:`paddlefsl.ops.whole_gradient_scope`). ``b`` may be None (no bias).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, kernels, geo):
+        ctx.x, ctx.w, ctx.has_bias, ctx.kernels, ctx.geo = x, w, b is not None, kernels, geo
+        if b is None:
+            return kernels.forward(x, w, geo)
+        return kernels.forward_bias(x, w, b, geo)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, k, geo = ctx.x, ctx.w, ctx.kernels, ctx.geo
+        if creating_graph():  # stay differentiable: the cross derivatives need x and w live
+            dx, dw = _apply("D", g, w, k, geo), _apply("W", x, g, k, geo)
+            db = g.sum([0, 2, 3]) if ctx.has_bias else None
+        else:
+            dx = k.backward_data(g, w, geo)
+            if ctx.has_bias:
+                dw, db = k.backward_weight_bias(x, g, geo)
+            else:
+                dw, db = k.backward_weight(x, g, geo), None
+        return (dx, dw, db) if ctx.has_bias else (dx, dw)
 
 
 def conv2d(x: Tensor, w: Tensor, geo: ConvGeometry, kernels: ConvKernels) -> Tensor:
@@ -253,5 +286,7 @@ def conv2d_bias(
         return _OneInput.apply(x, _Held(w), 0, "F", kernels, geo, None, _Held(b))
     if not need_x:
         return _FilterAndBias.apply(w, b, _Held(x), kernels, geo, None)
+    if in_whole_gradient_scope():
+        return _WholeConv.apply(x, w, b, kernels, geo)
     value = _OneInput.apply(x, _Held(w), 0, "F", kernels, geo, None, _Held(b))
     return value + _FilterAndBias.apply(w, b, _Held(x), kernels, geo, value.shape)
