@@ -64,6 +64,9 @@ CASES = {
         [(4, 3, 20, 20), (8, 3, 3, 3), (8,)],
     ),
     "conv1d_bias": (lambda x, w, b: F.conv1d(x, w, b), [(64, 3, 600), (8, 3, 3), (8,)]),
+    "adaptive_avg_pool2d_1": (lambda x: F.adaptive_avg_pool2d(x, 1), [(3, 4, 5, 6)]),
+    "adaptive_avg_pool2d_2": (lambda x: F.adaptive_avg_pool2d(x, 2), [(3, 4, 5, 6)]),
+    "avg_pool2d": (lambda x: F.avg_pool2d(x, 2), [(3, 4, 6, 6)]),
 }
 
 
@@ -176,3 +179,27 @@ def test_input_gradient_alone_through_batchnorm():
     (ref,) = paddle.grad(net(x).square().sum(), [x])
     ops.install()
     np.testing.assert_allclose(gx.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_global_average_pooling_is_a_product_and_twice_differentiable(float64):
+    """AdaptiveAvgPool2D(1) runs as a matrix product: same second derivatives as native."""
+    rng = np.random.default_rng(5)
+    x0, a0 = rng.standard_normal((3, 4, 2, 3)), rng.standard_normal((3, 4, 1, 1))
+    result = {}
+    for installed in (True, False):
+        (ops.install if installed else ops.uninstall)()
+        x = paddle.to_tensor(x0, stop_gradient=False)
+        y = nn.AdaptiveAvgPool2D(1)(x)
+        (gx,) = paddle.grad((y * y * paddle.to_tensor(a0)).sum(), [x], create_graph=True)
+        (hx,) = paddle.grad((gx * gx).sum(), [x])
+        result[installed] = (y.grad_fn.name(), y.numpy(), gx.numpy(), hx.numpy())
+    ops.install()
+    assert "Pool2d" not in result[True][0] and "Pool2d" in result[False][0], result
+    # Closed form: y = mean(x), gx = 2 a y / hw, hx = 2 (2 a / hw)^2 y (broadcast).
+    hw = x0.shape[2] * x0.shape[3]
+    y = x0.mean((2, 3), keepdims=True)
+    exact = [y, 2 * a0 * y / hw, 2 * (2 * a0 / hw) ** 2 * y]
+    for ours, ref, closed in zip(result[True][1:], result[False][1:], exact):
+        np.testing.assert_allclose(ours, np.broadcast_to(closed, ours.shape), rtol=1e-12)
+        # Paddle's float64 pooling kernels round 1/hw to float32 precision.
+        np.testing.assert_allclose(ours, ref, rtol=1e-6)

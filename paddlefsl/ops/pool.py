@@ -2,6 +2,9 @@
 
 Float32 CPU pooling in floor mode runs on the multi-threaded kernels of
 :mod:`paddlefsl.ops.cpu_kernels` (same indices as Paddle's ``max_pool2d_with_index``).
+Global average pooling (``AdaptiveAvgPool2D(1)``, the end of many few-shot backbones) runs
+as a matrix product with a constant column: the same values, and forward plus backward
+several times faster than Paddle's adaptive pooling kernels on CPU.
 """
 
 from __future__ import annotations
@@ -75,6 +78,19 @@ class _MaxPool2dWithIndex(paddle.autograd.PyLayer):
         return native("max_pool2d_with_index_grad")(x, index, dy, *ctx.attrs)
 
 
+def _global_average(x, kernel_size, data_format, pooling_type, global_pooling, adaptive) -> bool:
+    """Whether a pool2d call averages each channel of an NCHW tensor over all of space."""
+    if pooling_type != "avg" or data_format != "NCHW" or x.ndim != 4:
+        return False
+    if not global_pooling:
+        try:
+            if not (adaptive and _pair(kernel_size) == [1, 1]):
+                return False
+        except (TypeError, ValueError):  # an unusual size argument: leave it to Paddle
+            return False
+    return all(d > 0 for d in x.shape) and paddle.in_dynamic_mode()
+
+
 @register("pool2d")
 def _pool2d(native_fn: Callable) -> Callable:
     def pool2d(
@@ -110,7 +126,13 @@ def _pool2d(native_fn: Callable) -> Callable:
             and padding_algorithm in ("EXPLICIT", "VALID")
             and not (padding_algorithm == "VALID" and any(paddings))
         )
-        if not plain_call(args, kwargs) or not supported or not tracks_grad(x):
+        if not plain_call(args, kwargs) or not tracks_grad(x):
+            return native_fn(x, *attrs, *args, **kwargs)
+        if _global_average(x, kernel_size, data_format, pooling_type, global_pooling, adaptive):
+            n, c, h, w = x.shape
+            column = paddle.full([h * w, 1], 1.0 / (h * w), dtype=x.dtype)
+            return paddle.matmul(x.reshape([n * c, h * w]), column).reshape([n, c, 1, 1])
+        if not supported:
             return native_fn(x, *attrs, *args, **kwargs)
         # The indexed kernel is also the faster one on CPU: its backward is a scatter, while
         # pool2d_grad searches every window again.
