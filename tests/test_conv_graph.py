@@ -193,10 +193,8 @@ def test_conv4_meta_gradient_through_the_fast_path(monkeypatch):
     monkeypatch.setattr(conv_ops, "MIN_FAST_CHANNELS", 1)
     monkeypatch.setattr(conv_ops, "_FAST", [NATIVE_KERNELS])
     calls = []
-    whole = conv_graph._WholeConv.apply
-    monkeypatch.setattr(
-        conv_graph._WholeConv, "apply", lambda *a: calls.append("whole") or whole(*a)
-    )
+    whole = conv_graph._Whole.apply
+    monkeypatch.setattr(conv_graph._Whole, "apply", lambda *a: calls.append("whole") or whole(*a))
     for name in ("_graph_conv2d", "_graph_conv2d_bias"):
         real = getattr(conv_ops, name)
         monkeypatch.setattr(
@@ -332,8 +330,14 @@ def test_conv2d_layers_fold_their_bias_and_uninstall_restores(monkeypatch):
     assert paddle.nn.functional.conv._conv_nd is not native_conv_nd
 
 
-def _whole_tower(case, bias, whole):
-    """Value and first/second-order gradients of a conv, in or out of the whole scope."""
+def _whole_tower(case, bias, whole, everything=False):
+    """Value and first/second-order gradients of a conv, in or out of the whole scope.
+
+    ``everything``: the backward passes too run in the scope (as a second-order adapt
+    records its backward), so the recorded D and W kernels are whole nodes as well.
+    """
+    from contextlib import nullcontext
+
     from paddlefsl import ops
 
     n, c, size, o, s, p = case
@@ -346,22 +350,28 @@ def _whole_tower(case, bias, whole):
         y = conv2d_bias(x, w, b, geo, NATIVE_KERNELS) if bias else conv2d(x, w, geo, NATIVE_KERNELS)
     inputs = [x, w, b] if bias else [x, w]
     draw = np.random.default_rng(4)
-    loss = (y * y * paddle.to_tensor(draw.standard_normal(y.shape))).sum()
-    first = paddle.grad(loss, inputs, create_graph=True)
-    second_loss = sum(
-        (g * g * paddle.to_tensor(draw.standard_normal(g.shape))).sum() for g in first
-    )
+    with ops.whole_gradient_scope() if everything else nullcontext():
+        loss = (y * y * paddle.to_tensor(draw.standard_normal(y.shape))).sum()
+        first = paddle.grad(loss, inputs, create_graph=True)
+        second_loss = sum(
+            (g * g * paddle.to_tensor(draw.standard_normal(g.shape))).sum() for g in first
+        )
     second = paddle.grad(second_loss, inputs)
     return y.grad_fn.name(), [t.numpy() for t in (y, *first, *second)]
 
 
+@pytest.mark.parametrize("everything", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", CASES[:3])
-def test_whole_node_equals_one_node_per_input(case, bias):
+def test_whole_node_equals_one_node_per_input(case, bias, everything, monkeypatch):
     """Inside whole_gradient_scope a convolution is one node of x, w (and b): same tower."""
-    node, ours = _whole_tower(case, bias, whole=True)
+    ops_seen = []
+    whole = conv_graph._Whole.apply
+    monkeypatch.setattr(conv_graph._Whole, "apply", lambda *a: ops_seen.append(a[3]) or whole(*a))
+    node, ours = _whole_tower(case, bias, whole=True, everything=everything)
+    assert sorted(set(ops_seen)) == (["D", "F", "W"] if everything else ["F"]), ops_seen
     split_node, ref = _whole_tower(case, bias, whole=False)
-    assert "WholeConv" in node and "WholeConv" not in split_node, (node, split_node)
+    assert "_Whole" in node and "_Whole" not in split_node, (node, split_node)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
 

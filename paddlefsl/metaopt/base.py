@@ -10,6 +10,7 @@ import paddle
 
 from .. import ops
 from ..functional import adaptable_parameters, named_grad, running_statistics, substituted
+from ..functional.params import index_tensors
 
 __all__ = ["BaseLearner", "RunningStats"]
 
@@ -112,9 +113,15 @@ class BaseLearner(paddle.nn.Layer):
         if allow_unused is not None:
             new.__dict__["allow_unused"] = bool(allow_unused)
         if self._fast is None:
-            params = adaptable_parameters(self.module)
-            new.__dict__["_fast"] = {name: params[name] for name in self.adapted_names()}
-            source_stats = running_statistics(self.module)
+            index = index_tensors(self.module)  # one walk for the parameters and statistics
+            params = {n: p for n, p in index.parameters.items() if not p.stop_gradient}
+            if type(self).adapted_names is BaseLearner.adapted_names:
+                names = list(params)  # the default, without walking the model again
+            else:
+                names = self.adapted_names()
+            new.__dict__["_fast"] = {name: params[name] for name in names}
+            source_stats = {n: p for n, p in index.parameters.items() if p.stop_gradient}
+            source_stats.update(index.buffers)
             # Every tensor that requires grad in a call then depends on adapted weights
             # (given inputs that require none): see _whole_gradient.
             new.__dict__["_adapts_all"] = len(new._fast) == len(params) and all(
@@ -158,11 +165,14 @@ class BaseLearner(paddle.nn.Layer):
                 "this clone runs first-order forward passes, so a second-order step would be "
                 "inexact; create the learner (or the clone) with first_order=False"
             )
-        grads = named_grad(
-            loss, self._fast, create_graph=not first_order, allow_unused=allow_unused
-        )
-        if first_order:
-            grads = {n: None if g is None else g.detach() for n, g in grads.items()}
+        # The backward recorded here (second order) is later differentiated whole by
+        # backward(); a later adapt asks for newer fast weights and stops at them, before it.
+        with ops.whole_gradient_scope(not first_order):
+            grads = named_grad(
+                loss, self._fast, create_graph=not first_order, allow_unused=allow_unused
+            )
+        if first_order:  # paddle.grad without create_graph already returns detached tensors
+            grads = {n: g if g is None or g.stop_gradient else g.detach() for n, g in grads.items()}
         self.__dict__["_fast"] = self.update(self._fast, grads)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

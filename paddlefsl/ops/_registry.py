@@ -170,9 +170,11 @@ def whole_gradient_scope(enabled: bool = True) -> Iterator[None]:
     (a PyLayer cannot see which ones), so outside this scope every convolution node has
     one differentiable input.
 
-    Learners enter it around a clone's model call when that holds by construction: the
-    clone adapts every trainable parameter of its model and the call's inputs require no
-    gradient, so every tensor that requires one inside depends on adapted weights.
+    Learners enter it where that holds by construction: around a clone's model call when
+    the clone adapts every trainable parameter of its model and the call's inputs require
+    no gradient (every tensor that requires one inside depends on adapted weights), and
+    around a second-order ``adapt``'s recorded backward (only ``backward()`` later
+    differentiates it; a later ``adapt`` stops at the newer fast weights before it).
 
     Args:
         enabled: ``False`` gives a no-op scope (convenient for conditional use); a scope

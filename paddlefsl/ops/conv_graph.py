@@ -110,8 +110,8 @@ def _apply(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> 
     need_a, need_b = tracks_grad(a), tracks_grad(b)
     if not (need_a or need_b):
         return _run(op, a, b, k, geo)
-    if op == "F" and need_a and need_b and in_whole_gradient_scope():
-        return _WholeConv.apply(a, b, None, k, geo)
+    if need_a and need_b and in_whole_gradient_scope():
+        return _Whole.apply(a, b, None, op, k, geo)
     if not need_b:
         return _OneInput.apply(a, _Held(b), 0, op, k, geo, None)
     if not need_a:
@@ -172,35 +172,35 @@ class _OneInput(paddle.autograd.PyLayer):
         return _apply(kernel, named[first], named[second], ctx.kernels, ctx.geo)
 
 
-class _WholeConv(paddle.autograd.PyLayer):
-    """``conv(x, w) (+ b)`` as one node of all its inputs (only in a whole-gradient scope).
+class _Whole(paddle.autograd.PyLayer):
+    """``op(a, b)`` (+ a bias for "F") as one node of all its inputs.
 
-    Saves the zero-filled output and the add that the one-input-per-node form needs to
-    join its nodes, and a graph node, on every call. Valid only where no ``paddle.grad``
-    asks for some of the inputs but not the others (see
-    :func:`paddlefsl.ops.whole_gradient_scope`). ``b`` may be None (no bias).
+    Only inside :func:`paddlefsl.ops.whole_gradient_scope`, where no ``paddle.grad`` asks
+    for some of the inputs but not the others. It saves what the one-input-per-node form
+    needs to join its nodes (a zero-filled output and an add) and a node, on every call.
+    ``bias`` is None or the bias of a forward convolution.
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, kernels, geo):
-        ctx.x, ctx.w, ctx.has_bias, ctx.kernels, ctx.geo = x, w, b is not None, kernels, geo
-        if b is None:
-            return kernels.forward(x, w, geo)
-        return kernels.forward_bias(x, w, b, geo)
+    def forward(ctx, a, b, bias, op, kernels, geo):
+        ctx.a, ctx.b, ctx.has_bias, ctx.op = a, b, bias is not None, op
+        ctx.kernels, ctx.geo = kernels, geo
+        if bias is not None:
+            return kernels.forward_bias(a, b, bias, geo)
+        return _run(op, a, b, kernels, geo)
 
     @staticmethod
     def backward(ctx, g):
-        x, w, k, geo = ctx.x, ctx.w, ctx.kernels, ctx.geo
-        if creating_graph():  # stay differentiable: the cross derivatives need x and w live
-            dx, dw = _apply("D", g, w, k, geo), _apply("W", x, g, k, geo)
-            db = g.sum([0, 2, 3]) if ctx.has_bias else None
-        else:
-            dx = k.backward_data(g, w, geo)
-            if ctx.has_bias:
-                dw, db = k.backward_weight_bias(x, g, geo)
-            else:
-                dw, db = k.backward_weight(x, g, geo), None
-        return (dx, dw, db) if ctx.has_bias else (dx, dw)
+        k, geo = ctx.kernels, ctx.geo
+        named = {"g": g, "a": ctx.a, "b": ctx.b}
+        if creating_graph():  # stay differentiable: the cross derivatives need a and b live
+            grads = [_apply(kern, named[i], named[j], k, geo) for kern, i, j in _VJP[ctx.op]]
+            return (*grads, g.sum([0, 2, 3])) if ctx.has_bias else tuple(grads)
+        (kern_a, i, j), (kern_b, m, n) = _VJP[ctx.op]
+        grad_a = _run(kern_a, named[i], named[j], k, geo)
+        if ctx.has_bias:  # op "F": the filter and bias gradients from one kernel call
+            return (grad_a, *k.backward_weight_bias(ctx.a, g, geo))
+        return grad_a, _run(kern_b, named[m], named[n], k, geo)
 
 
 def conv2d(x: Tensor, w: Tensor, geo: ConvGeometry, kernels: ConvKernels) -> Tensor:
@@ -287,6 +287,6 @@ def conv2d_bias(
     if not need_x:
         return _FilterAndBias.apply(w, b, _Held(x), kernels, geo, None)
     if in_whole_gradient_scope():
-        return _WholeConv.apply(x, w, b, kernels, geo)
+        return _Whole.apply(x, w, b, "F", kernels, geo)
     value = _OneInput.apply(x, _Held(w), 0, "F", kernels, geo, None, _Held(b))
     return value + _FilterAndBias.apply(w, b, _Held(x), kernels, geo, value.shape)
