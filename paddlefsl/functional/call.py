@@ -8,13 +8,17 @@ from typing import Any
 
 import paddle
 
-from .params import index_tensors
+from .params import TensorIndex, index_tensors
 
 __all__ = ["substituted", "functional_call"]
 
 
 @contextmanager
-def substituted(layer: paddle.nn.Layer, tensors: Mapping[str, paddle.Tensor]) -> Iterator[None]:
+def substituted(
+    layer: paddle.nn.Layer,
+    tensors: Mapping[str, paddle.Tensor],
+    index: TensorIndex | None = None,
+) -> Iterator[None]:
     """Temporarily replace named parameters/buffers of ``layer`` by other tensors.
 
     Names are those of ``named_parameters()`` / ``named_buffers()``. The Layer's own
@@ -25,6 +29,8 @@ def substituted(layer: paddle.nn.Layer, tensors: Mapping[str, paddle.Tensor]) ->
     Args:
         layer: any ``paddle.nn.Layer``.
         tensors: structured name -> tensor to use instead.
+        index: ``index_tensors(layer)``, to skip walking the Layer on every call when it
+            is called many times (the Layer's structure must not have changed since).
 
     Raises:
         KeyError: a name that is not a parameter or buffer of ``layer``.
@@ -38,7 +44,8 @@ def substituted(layer: paddle.nn.Layer, tensors: Mapping[str, paddle.Tensor]) ->
         0.0
 
     """
-    index = index_tensors(layer)
+    if index is None:
+        index = index_tensors(layer)
     own = dict(index.parameters)
     own.update(index.buffers)
     unknown = [name for name in tensors if name not in own]

@@ -95,7 +95,10 @@ class ANIL(MAML):
         """
         if self._fast is None:
             return self.module.features(*args, **kwargs)
-        with substituted(self.module, self._substitutions()), self._features_scope(args, kwargs):
+        with (
+            substituted(self.module, self._substitutions(), self._index),
+            self._features_scope(args, kwargs),
+        ):
             return self.module.features(*args, **kwargs)
 
     def head_forward(self, embedding: Any) -> Any:
@@ -113,7 +116,7 @@ class ANIL(MAML):
         """
         if self._fast is None:
             return self.module.head(embedding)
-        with substituted(self.module, self._substitutions()), self._scope():
+        with substituted(self.module, self._substitutions(), self._index), self._scope():
             return self.module.head(embedding)
 
     def _forward_adapted(self, *args: Any, **kwargs: Any) -> Any:

@@ -10,7 +10,7 @@ import paddle
 
 from .. import ops
 from ..functional import adaptable_parameters, named_grad, running_statistics, substituted
-from ..functional.params import index_tensors
+from ..functional.params import TensorIndex, index_tensors
 
 __all__ = ["BaseLearner", "RunningStats"]
 
@@ -62,8 +62,10 @@ class BaseLearner(paddle.nn.Layer):
         # Set on clones only: structured name -> current fast weight / statistic.
         self._fast: dict[str, paddle.Tensor] | None = None
         self._stats: dict[str, paddle.Tensor] | None = None
-        # On clones: whether they adapt every trainable tensor of the module.
+        # On clones: whether they adapt every trainable tensor of the module, and the
+        # module's tensor index (see clone()).
         self._adapts_all = False
+        self._index: TensorIndex | None = None
         # Needed for exact second order, and faster in first order too (see paddlefsl.ops).
         ops.install()
 
@@ -122,6 +124,9 @@ class BaseLearner(paddle.nn.Layer):
             new.__dict__["_fast"] = {name: params[name] for name in names}
             source_stats = {n: p for n, p in index.parameters.items() if p.stop_gradient}
             source_stats.update(index.buffers)
+            # Every call of this clone (and of its clones) substitutes through this index:
+            # like the fast weights, the model's structure is taken as of clone().
+            new.__dict__["_index"] = index
             # Every tensor that requires grad in a call then depends on adapted weights
             # (given inputs that require none): see _whole_gradient.
             new.__dict__["_adapts_all"] = len(new._fast) == len(params) and all(
@@ -179,7 +184,7 @@ class BaseLearner(paddle.nn.Layer):
         """Run the model; on a clone, with its fast weights and statistics."""
         if self._fast is None:
             return self.module(*args, **kwargs)
-        with substituted(self.module, self._substitutions()):
+        with substituted(self.module, self._substitutions(), self._index):
             return self._forward_adapted(*args, **kwargs)
 
     def _substitutions(self) -> dict[str, paddle.Tensor]:

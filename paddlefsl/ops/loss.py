@@ -17,7 +17,8 @@ from ._registry import native, register
 def _one_hot_along(label: paddle.Tensor, num_classes: int, axis: int, dtype) -> paddle.Tensor:
     """One-hot of integer labels that hold a size-1 class axis at ``axis``."""
     hot = paddle.nn.functional.one_hot(label.squeeze(axis).astype("int64"), num_classes)
-    return paddle.moveaxis(hot.astype(dtype), -1, axis)
+    hot = hot.astype(dtype)
+    return hot if axis == label.ndim - 1 else paddle.moveaxis(hot, -1, axis)
 
 
 class _SoftmaxCrossEntropy(paddle.autograd.PyLayer):
@@ -63,19 +64,22 @@ class _SoftmaxCrossEntropy(paddle.autograd.PyLayer):
             target = _one_hot_along(label, n_classes, axis, logits.dtype)
             valid = (label != ignore_index).astype(logits.dtype)
             weight = d_loss * valid
+        wants_label = bool(ctx.required[1] and soft_label)
         if use_softmax:
             p = native("softmax")(logits, axis)
-            d_logits = (p * target.sum(axis, keepdim=True) - target) * weight
+            # A one-hot target sums to 1 along the class axis (times the 0/1 valid weight).
+            total = target.sum(axis, keepdim=True) if soft_label else 1.0
+            d_logits = (p * total - target) * weight
             if d_softmax is not None:
                 d_logits = d_logits + p * (d_softmax - (d_softmax * p).sum(axis, keepdim=True))
-            log_p = native("log_softmax")(logits, axis)
+            log_p = native("log_softmax")(logits, axis) if wants_label else None
         else:
             # ``logits`` already hold probabilities: loss = -sum(target * log p).
             d_logits = -target / logits * weight
             if d_softmax is not None:
                 d_logits = d_logits + d_softmax
-            log_p = paddle.log(logits)
-        d_label = -weight * log_p if (ctx.required[1] and soft_label) else None
+            log_p = paddle.log(logits) if wants_label else None
+        d_label = -weight * log_p if wants_label else None
         return only_required((d_logits, d_label), ctx.required)
 
 
