@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import paddle
-from paddle import _C_ops
 
 from .base import BaseLearner, RunningStats
 
@@ -30,14 +29,7 @@ def sgd_update(
     for name, p in params.items():
         g = grads.get(name)
         step = lr[name] if isinstance(lr, Mapping) else lr
-        if g is None:
-            out[name] = p
-        elif isinstance(step, (int, float)):
-            # The ops behind ``p - step * g``, without the operator overloads' Python layer
-            # (it runs for every weight of every task).
-            out[name] = _C_ops.add(p, _C_ops.scale(g, -float(step), 0.0, True))
-        else:  # a tensor learning rate (learned, Meta-SGD style): broadcast as usual
-            out[name] = p - step * g
+        out[name] = p if g is None else p - step * g
     return out
 
 
