@@ -68,6 +68,11 @@ class ANIL(MAML):
         """Only the head's parameters."""
         return [name for name in super().adapted_names() if name.startswith("head.")]
 
+    def _adapted_among(self, params: dict[str, paddle.Tensor]) -> list[str]:
+        if type(self).adapted_names is ANIL.adapted_names:
+            return [name for name in params if name.startswith("head.")]
+        return self.adapted_names()
+
     def embed(self, *args: Any, **kwargs: Any) -> Any:
         """The features of an input: ``features(*args)``, with this clone's statistics.
 

@@ -74,6 +74,12 @@ class BaseLearner(paddle.nn.Layer):
         """Structured names (in ``self.module``) of the parameters the inner loop adapts."""
         return list(adaptable_parameters(self.module))
 
+    def _adapted_among(self, params: dict[str, paddle.Tensor]) -> list[str]:
+        """:meth:`adapted_names`, given the trainable parameters (saves a model walk)."""
+        if type(self).adapted_names is BaseLearner.adapted_names:
+            return list(params)
+        return self.adapted_names()
+
     def update(
         self,
         params: Mapping[str, paddle.Tensor],
@@ -117,10 +123,7 @@ class BaseLearner(paddle.nn.Layer):
         if self._fast is None:
             index = index_tensors(self.module)  # one walk for the parameters and statistics
             params = {n: p for n, p in index.parameters.items() if not p.stop_gradient}
-            if type(self).adapted_names is BaseLearner.adapted_names:
-                names = list(params)  # the default, without walking the model again
-            else:
-                names = self.adapted_names()
+            names = self._adapted_among(params)
             new.__dict__["_fast"] = {name: params[name] for name in names}
             source_stats = {n: p for n, p in index.parameters.items() if p.stop_gradient}
             source_stats.update(index.buffers)

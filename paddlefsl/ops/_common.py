@@ -11,9 +11,11 @@ Tensor = paddle.Tensor
 
 def tracks_grad(*tensors: Tensor | None) -> bool:
     """Whether autograd will record an op on these inputs."""
-    return paddle.is_grad_enabled() and any(
-        isinstance(t, Tensor) and not t.stop_gradient for t in tensors
-    )
+    # A plain loop: called several times per layer call, where a generator costs more.
+    for t in tensors:
+        if isinstance(t, Tensor) and not t.stop_gradient:
+            return paddle.is_grad_enabled()
+    return False
 
 
 def requires(*tensors: Tensor | None) -> tuple[bool | None, ...]:

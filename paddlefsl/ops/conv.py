@@ -45,25 +45,44 @@ FAST_DTYPES = (paddle.float32,)
 
 
 class _OneDNNKernels:
-    """The raw kernels of :mod:`paddlefsl.ops.onednn` behind the ConvKernels protocol."""
+    """The raw kernels of :mod:`paddlefsl.ops.onednn` behind the ConvKernels protocol.
+
+    Calls the ops directly with the attribute lists of each geometry built once: these
+    run several times per convolution layer and task, so the wrappers' argument checks
+    are measurable.
+    """
 
     def __init__(self, module) -> None:
         self._m = module
+        self._attrs: dict[ConvGeometry, tuple[list[int], ...]] = {}
+
+    def _of(self, geo: ConvGeometry) -> tuple[list[int], ...]:
+        attrs = self._attrs.get(geo)
+        if attrs is None:  # strides, paddings, input size, kernel size
+            attrs = tuple(list(v) for v in (geo.strides, geo.paddings, geo.input_hw, geo.kernel_hw))
+            self._attrs[geo] = attrs
+        return attrs
 
     def forward(self, x, w, geo: ConvGeometry):
-        return self._m.conv2d_forward(x, w, geo.strides, geo.paddings)
+        s, p, _, _ = self._of(geo)
+        return self._m.run_op(self._m.OPS[0], x, w, s, p)[0]
 
     def backward_data(self, dy, w, geo: ConvGeometry):
-        return self._m.conv2d_backward_data(dy, w, geo.strides, geo.paddings, geo.input_hw)
+        s, p, hw, _ = self._of(geo)
+        return self._m.run_op(self._m.OPS[1], dy, w, s, p, hw)[0]
 
     def backward_weight(self, x, dy, geo: ConvGeometry):
-        return self._m.conv2d_backward_weight(x, dy, geo.strides, geo.paddings, geo.kernel_hw)
+        s, p, _, k = self._of(geo)
+        return self._m.run_op(self._m.OPS[2], x, dy, s, p, k)[0]
 
     def forward_bias(self, x, w, b, geo: ConvGeometry):
-        return self._m.conv2d_forward_bias(x, w, b, geo.strides, geo.paddings)
+        s, p, _, _ = self._of(geo)
+        return self._m.run_op(self._m.OPS[3], x, w, b, s, p)[0]
 
     def backward_weight_bias(self, x, dy, geo: ConvGeometry):
-        return self._m.conv2d_backward_weight_bias(x, dy, geo.strides, geo.paddings, geo.kernel_hw)
+        s, p, _, k = self._of(geo)
+        dw, db = self._m.run_op(self._m.OPS[4], x, dy, s, p, k)
+        return dw, db
 
 
 _FAST: list[ConvKernels | None] = []  # resolved on the first eligible call
