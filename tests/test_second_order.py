@@ -344,3 +344,57 @@ def test_max_min_reductions_match_finite_differences(reduce):
         MAML(Pooled(), lr=0.5), nn.CrossEntropyLoss(), (x, y), (x, y), steps=2, rtol=RTOL
     )
     _assert_exact(report)
+
+
+@pytest.mark.parametrize("ignore_index, reduction", [(-100, "mean"), (2, "sum")])
+def test_cross_entropy_recorded_backward_to_third_order(
+    float64, monkeypatch, ignore_index, reduction
+):
+    """Hard-label cross-entropy records its backward as one node: exact to third order.
+
+    The gradient against log-softmax by hand; each higher order against central finite
+    differences of the order below it, along a random direction.
+    """
+    from paddlefsl import ops
+    from paddlefsl.ops import loss as loss_ops
+
+    ops.install()
+    used = []
+    real = loss_ops._HardLabelGrad.apply
+    monkeypatch.setattr(loss_ops._HardLabelGrad, "apply", lambda *a: used.append(1) or real(*a))
+    rng = np.random.default_rng(3)
+    x0 = rng.standard_normal((6, 4))
+    e = rng.standard_normal((6, 4))
+    labels = paddle.to_tensor([0, 2, 1, 3, 2, 0])
+    d0, d1 = (paddle.to_tensor(rng.standard_normal((6, 4))) for _ in range(2))
+    loss = nn.CrossEntropyLoss(ignore_index=ignore_index, reduction=reduction)
+
+    def orders(x0, upto):
+        """[L, g.d0 squared, h.d1 squared] and the gradients g, h, t (as far as upto)."""
+        x = paddle.to_tensor(x0, stop_gradient=False)
+        value = loss(x, labels)
+        (g,) = paddle.grad(value, [x], create_graph=upto > 1)
+        q = (g * d0).sum() ** 2
+        if upto == 1:
+            return [float(value)], [g.numpy()]
+        (h,) = paddle.grad(q, [x], create_graph=upto > 2)
+        r = (h * d1).sum() ** 2
+        if upto == 2:
+            return [float(value), float(q)], [g.numpy(), h.numpy()]
+        (t,) = paddle.grad(r, [x])
+        return [float(value), float(q), float(r)], [g.numpy(), h.numpy(), t.numpy()]
+
+    _, grads = orders(x0, 3)
+    assert used, "the one-node recorded backward was not taken"
+    x = paddle.to_tensor(x0, stop_gradient=False)
+    valid = (labels != ignore_index).astype(x.dtype)
+    picked = (nn.functional.one_hot(labels, 4) * nn.functional.log_softmax(x, -1)).sum(-1)
+    scale = 1.0 / float(valid.sum()) if reduction == "mean" else 1.0
+    (by_hand,) = paddle.grad(-(picked * valid).sum() * scale, [x])
+    np.testing.assert_allclose(grads[0], by_hand.numpy(), rtol=1e-12, atol=1e-14)
+    eps = 1e-5
+    for order in (1, 2):  # d/dx of the scalar built from the gradient of this order
+        plus = orders(x0 + eps * e, order + 1)[0][order]
+        minus = orders(x0 - eps * e, order + 1)[0][order]
+        numeric = (plus - minus) / (2 * eps)
+        assert float((grads[order] * e).sum()) == pytest.approx(numeric, rel=1e-6, abs=1e-9)

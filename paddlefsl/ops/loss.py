@@ -30,6 +30,8 @@ class _SoftmaxCrossEntropy(paddle.autograd.PyLayer):
         ctx.save_for_backward(logits, label)
         # Outputs are kept detached: saving a PyLayer's own output leaks the graph.
         ctx.softmax = softmax.detach()
+        # An unused output (the softmax, usually) then gets None, not a zero-filled grad.
+        ctx.set_materialize_grads(False)
         ctx.attrs = (soft_label, use_softmax, stable, ignore_index, axis)
         ctx.required = requires(logits, label)
         return softmax, loss
@@ -55,6 +57,12 @@ class _SoftmaxCrossEntropy(paddle.autograd.PyLayer):
                 log_p = paddle.log(softmax) if use_softmax else paddle.log(logits)
                 d_label = -d_loss * log_p
             return only_required((d_logits, d_label), ctx.required)
+        if use_softmax and not soft_label and d_softmax is None:
+            # Hard labels, softmax output unused (the usual case): one node of the logits
+            # times the loss gradient, see _HardLabelGrad.
+            held = _HardLabelHeld(label, softmax, stable, ignore_index, axis)
+            d_logits = _HardLabelGrad.apply(logits, held) * d_loss
+            return only_required((d_logits, None), ctx.required)
         # Differentiable form: recompute the probabilities from the logits.
         n_classes = logits.shape[axis]
         if soft_label:
@@ -81,6 +89,54 @@ class _SoftmaxCrossEntropy(paddle.autograd.PyLayer):
             log_p = paddle.log(logits) if wants_label else None
         d_label = -weight * log_p if wants_label else None
         return only_required((d_logits, d_label), ctx.required)
+
+
+class _HardLabelHeld:
+    """What the recorded hard-label backward holds besides its inputs (constants)."""
+
+    __slots__ = ("label", "softmax", "stable", "ignore_index", "axis")
+
+    def __init__(self, label, softmax, stable, ignore_index, axis):
+        self.label, self.softmax = label, softmax
+        self.stable, self.ignore_index, self.axis = stable, ignore_index, axis
+
+
+class _HardLabelGrad(paddle.autograd.PyLayer):
+    """``(softmax(logits) - onehot) * valid`` as one recorded node of the logits.
+
+    The recorded backward of hard-label cross-entropy is this times the loss gradient (a
+    native multiply, which carries the loss gradient's own derivative). Its value is
+    Paddle's fused gradient kernel, and its backward (the softmax Jacobian) runs only when
+    the recorded graph is differentiated, instead of a dozen recorded ops each time. Under
+    a graph-creating backward of this node (third order) the probabilities are recomputed
+    with the double-differentiable softmax, so every order stays exact.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, held: _HardLabelHeld):
+        ctx.logits, ctx.held = logits, held
+        shape = list(held.label.shape)
+        return native("cross_entropy_with_softmax_grad")(
+            held.label,
+            held.softmax,
+            paddle.ones(shape, held.softmax.dtype),
+            False,
+            True,
+            held.stable,
+            held.ignore_index,
+            held.axis,
+        )
+
+    @staticmethod
+    def backward(ctx, g):
+        held: _HardLabelHeld = ctx.held
+        g_valid = g * (held.label != held.ignore_index).astype(g.dtype)
+        p = (
+            paddle.nn.functional.softmax(ctx.logits, held.axis)
+            if creating_graph()
+            else held.softmax
+        )
+        return p * (g_valid - (p * g_valid).sum(held.axis, keepdim=True))
 
 
 @register("cross_entropy_with_softmax")
