@@ -203,6 +203,19 @@ def main() -> None:
         "--nproc-list", default="1,2", help="process counts to measure in the table mode"
     )
     parser.add_argument(
+        "--table",
+        action="store_true",
+        help="with --workload and --algo: print the table row (with learn2learn) instead "
+        "of one JSON measurement",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="table mode: alternate ours and learn2learn this many times per row and "
+        "report medians (the paired ratios are more robust to a drifting machine)",
+    )
+    parser.add_argument(
         "--peer-python",
         type=Path,
         default=DEFAULT_PEER_PYTHON,
@@ -215,7 +228,11 @@ def main() -> None:
         help="the team's peer benchmark (shared/bench/peers/bench_torch.py)",
     )
     args = parser.parse_args()
-    if args.workload and args.algo:  # one measurement (the table mode runs these)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    if (
+        args.workload and args.algo and not args.table
+    ):  # one measurement (the table mode runs these)
         if args.nproc > 1:
             import paddle.distributed as dist
 
@@ -232,46 +249,77 @@ def main() -> None:
     table = []
     for workload in [args.workload] if args.workload else list(WORKLOADS):
         for algo in [args.algo] if args.algo else ALGOS:
-            ours = {}
-            for n in nprocs:  # alternate ours and theirs, since machine speed drifts
-                ours[n] = _result(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--workload",
-                        workload,
-                        "--algo",
-                        algo,
-                        "--iters",
-                        str(args.iters),
-                        "--warmup",
-                        str(args.warmup),
-                        "--nproc",
-                        str(n),
-                    ]
-                )
-                print(json.dumps(ours[n]), flush=True)
-            peer = _peer(workload, algo, args)
-            if peer:
-                print(json.dumps(peer), flush=True)
-            table.append((workload, algo, ours, peer))
+            rounds = [_round(workload, algo, nprocs, args) for _ in range(args.repeat)]
+            table.append((workload, algo, rounds))
     head = "".join(f"{f'ours {n} proc':>18}" for n in nprocs)
+    repeated = f", median of {args.repeat} alternating rounds" if args.repeat > 1 else ""
     print(
-        f"\nseconds per meta-iteration (peak RSS MiB, summed over processes); "
+        f"\nseconds per meta-iteration (peak RSS MiB, summed over processes){repeated}; "
         f"ratio = learn2learn s / ours s\n{'workload':<9}{'algo':<8}{head}{'learn2learn':>18}"
         + "".join(f"{f'ratio {n}p':>10}" for n in nprocs)
+        + ("   ratio of each round" if args.repeat > 1 else "")
     )
-    for workload, algo, ours, peer in table:
+    for workload, algo, rounds in table:
+        peer = _combined([peer for _, peer in rounds])
+        ours = {n: _combined([o[n] for o, _ in rounds]) for n in nprocs}
+        # Paired: each round's ratio uses the two measurements taken next to each other.
+        per_round = {
+            n: [p["median_s"] / o[n]["median_s"] for o, p in rounds if p and o[n]] for n in nprocs
+        }
         ratios = "".join(
-            f"{peer['median_s'] / ours[n]['median_s']:>10.2f}" if peer and ours[n] else f"{'-':>10}"
+            f"{statistics.median(per_round[n]):>10.2f}" if per_round[n] else f"{'-':>10}"
             for n in nprocs
         )
+        each = ""
+        if args.repeat > 1:
+            each = "   " + "; ".join(
+                " ".join(f"{r:.2f}" for r in per_round[n]) for n in nprocs if per_round[n]
+            )
         print(
             f"{workload:<9}{algo:<8}"
             + "".join(f"{_cell(ours[n]):>18}" for n in nprocs)
             + f"{_cell(peer):>18}"
             + ratios
+            + each
         )
+
+
+def _round(workload: str, algo: str, nprocs: list[int], args: argparse.Namespace):
+    """One measurement of ours (each process count) and then of learn2learn."""
+    ours = {}
+    for n in nprocs:  # alternate ours and theirs, since machine speed drifts
+        ours[n] = _result(
+            [
+                sys.executable,
+                __file__,
+                "--workload",
+                workload,
+                "--algo",
+                algo,
+                "--iters",
+                str(args.iters),
+                "--warmup",
+                str(args.warmup),
+                "--nproc",
+                str(n),
+            ]
+        )
+        print(json.dumps(ours[n]), flush=True)
+    peer = _peer(workload, algo, args)
+    if peer:
+        print(json.dumps(peer), flush=True)
+    return ours, peer
+
+
+def _combined(results: list[dict | None]) -> dict | None:
+    """Median seconds and the highest peak RSS over rounds (None if none succeeded)."""
+    done = [r for r in results if r]
+    if not done:
+        return None
+    return {
+        "median_s": statistics.median(r["median_s"] for r in done),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in done),
+    }
 
 
 if __name__ == "__main__":

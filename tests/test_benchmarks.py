@@ -33,6 +33,31 @@ def test_bench_learners_one_measurement_prints_a_result():
     assert result["median_s"] > 0 and result["peak_rss_mib"] > 0
 
 
+def test_bench_learners_table_repeats_rounds(tmp_path):
+    """--repeat alternates the measurements and reports one row (peer absent: skipped)."""
+    out = run(
+        "bench_learners.py",
+        *("--workload", "W1s", "--algo", "foanil", "--iters", "1", "--warmup", "0"),
+        *("--table", "--repeat", "2", "--nproc-list", "1"),
+        *("--peer-python", str(tmp_path / "no-python")),
+    )
+    measured = [json.loads(s) for s in out.splitlines() if s.startswith('{"workload"')]
+    assert len(measured) == 2, out
+    row = [s for s in out.splitlines() if s.startswith("W1s")]
+    assert len(row) == 1 and "foanil" in row[0] and row[0].rstrip().endswith("-"), out
+    assert "median of 2 alternating rounds" in out
+
+
+def test_bench_learners_rejects_a_bad_repeat():
+    done = subprocess.run(
+        [sys.executable, "bench_learners.py", "--repeat", "0"],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "--repeat must be at least 1" in done.stderr
+
+
 def test_bench_layers_quick_prints_every_layer():
     if not cpu_kernels.usable(paddle.zeros([1])):
         pytest.skip(f"CPU kernels unavailable: {onednn.unavailable_reason()}")
