@@ -251,6 +251,23 @@ def test_which_convolutions_take_the_fast_kernels(change, fast):
         assert geo.input_hw == (8, 8) and geo.kernel_hw == (3, 3)
 
 
+def test_fast_geometry_is_kept_per_size_and_setting():
+    w = paddle.randn([4, 16, 3, 3], dtype="float32")
+    seen = set()
+    for size, stride, padding in [(8, 1, 1), (6, 1, 1), (8, 2, 1), (8, 1, 0), (8, 1, 1)]:
+        x = paddle.randn([2, 16, size, size], dtype="float32")
+        geo = conv_ops._fast_geometry(
+            x, w, [stride, stride], [padding, padding], "EXPLICIT", [1, 1], 1, "NCHW"
+        )
+        assert geo.input_hw == (size, size)
+        assert geo.strides == (stride, stride) and geo.paddings == (padding, padding)
+        seen.add(geo)
+    assert len(seen) == 4
+    # Not sequences (a static-graph caller's forms): left to Paddle, not an error.
+    x = paddle.randn([2, 16, 8, 8], dtype="float32")
+    assert conv_ops._fast_geometry(x, w, 1, 1, "EXPLICIT", 1, 1, "NCHW") is None
+
+
 def test_gradient_of_one_input_only():
     """A paddle.grad asking for the filter alone (Paddle prunes the input's branch)."""
     rng = np.random.default_rng(3)

@@ -120,6 +120,14 @@ def test_tune_allocator_applies_on_linux_glibc():
         assert result is False
 
 
+def test_named_grad_scale_multiplies_the_gradients_to_second_order():
+    a = paddle.to_tensor([1.5, -2.0], dtype="float64", stop_gradient=False)
+    grads = named_grad((a * a * a).sum(), {"a": a}, create_graph=True, scale=0.25)
+    np.testing.assert_allclose(grads["a"].numpy(), 0.25 * 3 * a.numpy() ** 2, rtol=1e-15)
+    (second,) = paddle.grad(grads["a"].sum(), [a])  # the scale is part of the graph
+    np.testing.assert_allclose(second.numpy(), 0.25 * 6 * a.numpy(), rtol=1e-15)
+
+
 def test_named_grad_explains_a_partial_request_through_a_multi_input_op():
     """The known limitation surfaces as an error that names the way out."""
     from paddlefsl import ops

@@ -90,6 +90,48 @@ def test_sgd_step_matches_manual_update():
     )
 
 
+def test_sgd_step_on_prescaled_gradients_matches_manual_update_in_float64():
+    # adapt() seeds its backward with lr instead of scaling every gradient afterwards.
+    paddle.set_default_dtype("float64")
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        maml = MAML(model, lr=0.3)
+        x, y = paddle.randn([5, 3]), paddle.randn([5, 2])
+        learner = maml.clone()
+        learner.adapt(nn.functional.mse_loss(learner(x), y))
+        names = [n for n, _ in model.named_parameters()]
+        params = [p for _, p in model.named_parameters()]
+        grads = paddle.grad(nn.functional.mse_loss(model(x), y), params)
+        fast = learner.fast_weights()
+        for name, p, g in zip(names, params, grads):
+            np.testing.assert_allclose(
+                fast[name].numpy(), (p - 0.3 * g).numpy(), rtol=1e-13, atol=1e-15
+            )
+    finally:
+        paddle.set_default_dtype("float32")
+
+
+def test_a_custom_update_gets_the_plain_gradients():
+    seen = []
+
+    class HalfStep(MAML):
+        def update(self, params, grads):
+            seen.append(grads)
+            return {n: p - 0.5 * self.lr * grads[n] for n, p in params.items()}
+
+    model = nn.Linear(3, 2)
+    x, y = paddle.randn([4, 3]), paddle.randn([4, 2])
+    learner = HalfStep(model, lr=0.25).clone()
+    learner.adapt(nn.functional.mse_loss(learner(x), y))
+    (g,) = paddle.grad(nn.functional.mse_loss(model(x), y), [model.weight])
+    np.testing.assert_allclose(seen[0]["weight"].numpy(), g.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        learner.fast_weights()["weight"].numpy(),
+        (model.weight - 0.125 * g).numpy(),
+        rtol=1e-6,
+    )
+
+
 def test_frozen_parameters_are_not_adapted_and_get_no_gradient():
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
     model[0].weight.stop_gradient = True

@@ -46,8 +46,7 @@ def substituted(
     """
     if index is None:
         index = index_tensors(layer)
-    own = dict(index.parameters)
-    own.update(index.buffers)
+    own = index.tensors
     unknown = [name for name in tensors if name not in own]
     if unknown:
         raise KeyError(
@@ -55,7 +54,6 @@ def substituted(
             f"expected names like {list(own)[:5]}"
         )
     slots = index.slots
-    replaced_ids = {id(own[name]): tensor for name, tensor in tensors.items()}
     saved: list[tuple[dict, str, paddle.Tensor]] = []
     rnn_lists: list[tuple[paddle.nn.Layer, list]] = []
     try:
@@ -63,10 +61,11 @@ def substituted(
             for store, key in slots[id(own[name])]:
                 saved.append((store, key, store[key]))
                 store[key] = tensor
-        # Fused RNN kernels read their weights from this private list, not from _parameters.
-        for sub in index.sublayers:
-            weights = sub.__dict__.get("_all_weights")
-            if isinstance(weights, list):
+        if index.fused_rnns:
+            # Fused RNN kernels read their weights from this private list, not _parameters.
+            replaced_ids = {id(own[name]): tensor for name, tensor in tensors.items()}
+            for sub in index.fused_rnns:
+                weights = sub.__dict__["_all_weights"]
                 rnn_lists.append((sub, weights))
                 sub.__dict__["_all_weights"] = [replaced_ids.get(id(w), w) for w in weights]
         yield

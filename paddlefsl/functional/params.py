@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paddle
 
@@ -20,6 +20,9 @@ class TensorIndex:
             over the ``_parameters`` and ``_buffers`` dicts of all sublayers (a tensor
             can sit in several: tied weights, fused RNN layers).
         sublayers: the Layer and its sublayers, each once, in ``named_sublayers`` order.
+        tensors: ``parameters`` and ``buffers`` in one dict.
+        fused_rnns: the sublayers whose fused kernels read a private ``_all_weights``
+            list instead of ``_parameters``.
 
     """
 
@@ -27,6 +30,8 @@ class TensorIndex:
     buffers: dict[str, paddle.Tensor]
     slots: dict[int, list[tuple[dict, str]]]
     sublayers: list[paddle.nn.Layer]
+    tensors: dict[str, paddle.Tensor] = field(default_factory=dict)
+    fused_rnns: list[paddle.nn.Layer] = field(default_factory=list)
 
 
 def index_tensors(layer: paddle.nn.Layer) -> TensorIndex:
@@ -52,7 +57,9 @@ def index_tensors(layer: paddle.nn.Layer) -> TensorIndex:
                     slots.setdefault(id(tensor), []).append((store, key))
     parameters = _named(sublayers, "_parameters")
     buffers = _named(sublayers, "_buffers")
-    return TensorIndex(parameters, buffers, slots, [sub for _, sub in sublayers])
+    layers = [sub for _, sub in sublayers]
+    fused_rnns = [sub for sub in layers if isinstance(sub.__dict__.get("_all_weights"), list)]
+    return TensorIndex(parameters, buffers, slots, layers, {**parameters, **buffers}, fused_rnns)
 
 
 def _sublayers(layer: paddle.nn.Layer) -> list[tuple[str, paddle.nn.Layer]]:

@@ -175,13 +175,36 @@ class BaseLearner(paddle.nn.Layer):
             )
         # The backward recorded here (second order) is later differentiated whole by
         # backward(); a later adapt asks for newer fast weights and stops at them, before it.
+        scale = self._gradient_scale()
         with ops.whole_gradient_scope(not first_order):
             grads = named_grad(
-                loss, self._fast, create_graph=not first_order, allow_unused=allow_unused
+                loss,
+                self._fast,
+                create_graph=not first_order,
+                allow_unused=allow_unused,
+                scale=scale,
             )
         if first_order:  # paddle.grad without create_graph already returns detached tensors
             grads = {n: g if g is None or g.stop_gradient else g.detach() for n, g in grads.items()}
-        self.__dict__["_fast"] = self.update(self._fast, grads)
+        if scale is None:
+            self.__dict__["_fast"] = self.update(self._fast, grads)
+        else:
+            self.__dict__["_fast"] = self._scaled_update(self._fast, grads)
+
+    def _gradient_scale(self) -> float | None:
+        """A factor for ``adapt``'s gradients that :meth:`_scaled_update` expects, or None.
+
+        None (the default) gives :meth:`update` the plain gradients.
+        """
+        return None
+
+    def _scaled_update(
+        self,
+        params: Mapping[str, paddle.Tensor],
+        grads: Mapping[str, paddle.Tensor | None],
+    ) -> dict[str, paddle.Tensor]:
+        """The step from gradients already multiplied by :meth:`_gradient_scale`."""
+        raise NotImplementedError
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model; on a clone, with its fast weights and statistics."""

@@ -80,5 +80,15 @@ class MAML(BaseLearner):
         """SGD step with the inner learning rate."""
         return sgd_update(params, grads, self.lr)
 
+    def _gradient_scale(self) -> float | None:
+        # adapt() seeds its backward pass with lr, so the gradients arrive as lr * g and
+        # the step is one subtraction per tensor instead of a scale and a subtraction
+        # (fewer recorded ops under second order too). Not when a subclass has its own
+        # update: that one gets the plain gradients.
+        return self.lr if type(self).update is MAML.update else None
+
+    def _scaled_update(self, params, grads):
+        return {n: p if grads.get(n) is None else p - grads[n] for n, p in params.items()}
+
     def extra_repr(self) -> str:
         return f"lr={self.lr}, " + super().extra_repr()

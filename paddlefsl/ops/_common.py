@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import paddle
@@ -16,6 +17,26 @@ def tracks_grad(*tensors: Tensor | None) -> bool:
         if isinstance(t, Tensor) and not t.stop_gradient:
             return paddle.is_grad_enabled()
     return False
+
+
+def numel(t: Tensor) -> int:
+    """Element count; ``Tensor.size`` builds a NumPy product per call (about 5 us)."""
+    return math.prod(t.shape)
+
+
+_CPU_ONLY: list[bool] = []
+
+
+def cpu_only_build() -> bool:
+    """Whether this Paddle has no accelerator at all, so every tensor is on the CPU."""
+    if not _CPU_ONLY:
+        accelerators = (
+            paddle.is_compiled_with_cuda()
+            or paddle.is_compiled_with_xpu()
+            or bool(paddle.device.get_all_custom_device_type())
+        )
+        _CPU_ONLY.append(not accelerators)
+    return _CPU_ONLY[0]
 
 
 def requires(*tensors: Tensor | None) -> tuple[bool | None, ...]:

@@ -244,9 +244,19 @@ std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
     init_arg(e->dst, y_plain, fwd.dst_desc(), true);
     e->conv = dnnl::convolution_forward(fwd);
   } else if (kind == kBackwardData) {
-    dnnl::convolution_backward_data::primitive_desc bwd(
-        eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads,
-        pads, fwd);
+    // The forward's activation layouts when an implementation takes them: left to choose
+    // (format "any"), oneDNN may pick a channels-last kernel here whose transposing
+    // reorders from and to Paddle's NCHW cost more than the kernel saves.
+    dnnl::convolution_backward_data::primitive_desc bwd;
+    try {
+      bwd = dnnl::convolution_backward_data::primitive_desc(
+          eng, dnnl::algorithm::convolution_direct, fwd.src_desc(), w_any, fwd.dst_desc(),
+          strides, pads, pads, fwd);
+    } catch (const dnnl::error&) {
+      bwd = dnnl::convolution_backward_data::primitive_desc(
+          eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads,
+          pads, fwd);
+    }
     init_arg(e->src, x_plain, bwd.diff_src_desc(), true);
     init_arg(e->wei, w_plain, bwd.weights_desc(), false);
     init_arg(e->dst, y_plain, bwd.diff_dst_desc(), false);

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import paddle
 
-from ._common import tracks_grad
+from ._common import cpu_only_build, tracks_grad
 from ._registry import in_second_order_scope, native, register, register_function
 from .conv_graph import ConvGeometry, ConvKernels
 from .conv_graph import conv2d as _graph_conv2d
@@ -98,20 +98,45 @@ def fast_kernels() -> ConvKernels | None:
 
 
 def _fast_geometry(x, weight, strides, paddings, padding_algorithm, dilations, groups, fmt):
-    """The geometry if the fast kernels can run this convolution, else None."""
+    """The geometry if the fast kernels can run this convolution, else None.
+
+    Runs on every convolution call, so the tensor checks come first and the geometry of
+    each (sizes, strides, paddings, dilations) is built once.
+    """
+    if fmt != "NCHW" or groups != 1 or padding_algorithm != "EXPLICIT":
+        return None
+    if not isinstance(x, paddle.Tensor):  # a static-graph value
+        return None
+    shape = x.shape
+    dtype = x.dtype
     if (
-        fmt != "NCHW"
-        or groups != 1
-        or padding_algorithm != "EXPLICIT"
-        or list(dilations) != [1, 1]
-        or len(strides) != 2
-        or not isinstance(x, paddle.Tensor)
-        or x.ndim != 4
-        or x.dtype not in FAST_DTYPES
-        or weight.dtype != x.dtype
-        or 1 < x.shape[1] < MIN_FAST_CHANNELS
-        or not x.place.is_cpu_place()  # the oneDNN kernels are CPU kernels
+        len(shape) != 4
+        or dtype not in FAST_DTYPES
+        or weight.dtype != dtype
+        or 1 < shape[1] < MIN_FAST_CHANNELS
+        or not (cpu_only_build() or x.place.is_cpu_place())  # the kernels are CPU kernels
     ):
+        return None
+    kernel = weight.shape
+    try:
+        key = (shape[2], shape[3], kernel[2], kernel[3], (*strides,), (*paddings,), (*dilations,))
+    except (TypeError, IndexError):  # not sequences: leave the call to Paddle
+        return None
+    geo = _GEOMETRIES.get(key, _UNSET)
+    if geo is _UNSET:
+        geo = _geometry(shape, kernel, strides, paddings, dilations)
+        if len(_GEOMETRIES) < _MAX_GEOMETRIES:
+            _GEOMETRIES[key] = geo
+    return geo
+
+
+_UNSET = object()
+_MAX_GEOMETRIES = 4096  # distinct input sizes and layer settings of one process
+_GEOMETRIES: dict[tuple, ConvGeometry | None] = {}
+
+
+def _geometry(shape, kernel, strides, paddings, dilations) -> ConvGeometry | None:
+    if list(dilations) != [1, 1] or len(strides) != 2:
         return None
     pads = list(paddings)
     if len(pads) == 4:  # [top, bottom, left, right]: only symmetric padding
@@ -123,8 +148,8 @@ def _fast_geometry(x, weight, strides, paddings, padding_algorithm, dilations, g
     return ConvGeometry(
         (int(strides[0]), int(strides[1])),
         (int(pads[0]), int(pads[1])),
-        (int(x.shape[2]), int(x.shape[3])),
-        (int(weight.shape[2]), int(weight.shape[3])),
+        (int(shape[2]), int(shape[3])),
+        (int(kernel[2]), int(kernel[3])),
     )
 
 

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import paddle
 
 from . import onednn
+from ._common import cpu_only_build
 
 __all__ = [
     "usable",
@@ -68,27 +69,18 @@ def usable(*tensors: paddle.Tensor) -> bool:
         False
 
     """
-    if os.environ.get(_ENV_SWITCH, "1").strip().lower() in _OFF or not onednn.available():
+    switch = os.environ.get(_ENV_SWITCH)
+    if (switch is not None and switch.strip().lower() in _OFF) or not onednn.available():
         return False
     float32 = paddle.float32
-    if _cpu_only():  # every tensor is on the CPU: skip the (slower) place queries
-        return all(t.dtype == float32 for t in tensors)
-    return all(t.dtype == float32 and t.place.is_cpu_place() for t in tensors)
+    cpu_only = cpu_only_build()  # every tensor is on the CPU: skip the (slower) place queries
+    for t in tensors:  # a plain loop: a generator costs more here
+        if t.dtype != float32 or not (cpu_only or t.place.is_cpu_place()):
+            return False
+    return True
 
 
 _OFF = frozenset({"0", "false", "no", "off"})
-_CPU_ONLY: list[bool] = []
-
-
-def _cpu_only() -> bool:
-    if not _CPU_ONLY:
-        accelerators = (
-            paddle.is_compiled_with_cuda()
-            or paddle.is_compiled_with_xpu()
-            or bool(paddle.device.get_all_custom_device_type())
-        )
-        _CPU_ONLY.append(not accelerators)
-    return _CPU_ONLY[0]
 
 
 def channel_bias_add(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:

@@ -19,7 +19,14 @@ from typing import Any
 import paddle
 
 from . import cpu_kernels
-from ._common import creating_graph, only_required, plain_call, requires, tracks_grad
+from ._common import (
+    creating_graph,
+    numel,
+    only_required,
+    plain_call,
+    requires,
+    tracks_grad,
+)
 from ._registry import native, register
 
 _CHANNEL_LAST = ("NHWC", "NLC", "NDHWC")
@@ -102,7 +109,7 @@ def _batch_stats_grads(x, dy, weight, call):
     """
     n, c = x.shape[0], x.shape[1]
     axes = [0] + list(range(2, x.ndim))
-    count = x.size // c
+    count = numel(x) // c
     scratch_mean, scratch_var = paddle.zeros([c], x.dtype), paddle.ones([c], x.dtype)
     x_hat = native("batch_norm")(
         x,
@@ -149,7 +156,7 @@ def _double_backward_formula(x, dy, weight, ddx, ddweight, ddbias, epsilon):
     """
     axes = [0] + list(range(2, x.ndim))
     per_channel = [1, -1] + [1] * (x.ndim - 2)
-    count = x.size // x.shape[1]
+    count = numel(x) // x.shape[1]
     mean = x.mean(axes, keepdim=True)
     centered = x - mean
     r = paddle.rsqrt((centered * centered).mean(axes, keepdim=True) + epsilon)
