@@ -123,6 +123,77 @@ def test_more_shapes_than_the_cache_holds(ops):
             close(ops.conv2d_forward(x, w, 1, 1), F.conv2d(x, w, padding=1), f"batch {n}")
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kept_forward_input_gives_the_filter_gradient_of_the_same_tensor(ops, threads):
+    # A forward with keep=1 leaves its blocked x for the filter gradient of the same x.
+    # Two inputs of one shape are kept at once, and the gradient for each must come from
+    # its own x: a store matched by shape alone would swap them.
+    x1, x2 = paddle.randn([5, 64, 14, 14]), paddle.randn([5, 64, 14, 14])
+    w = paddle.randn([32, 64, 3, 3])
+    args = ([2, 2], [1, 1])
+    for x in (x1, x2):
+        ops.run_op(ops.OPS[0], x, w, *args, 1, threads=threads)
+    for x in (x1, x2, x1):  # the last x1 finds nothing kept any more: reordered afresh
+        y, dy, _, dw = reference(x, w, 2, 1)
+        got = ops.run_op(ops.OPS[2], x, dy, *args, [3, 3], threads=threads)[0]
+        close(got, dw, "filter gradient from the kept input")
+    x3 = paddle.randn([5, 64, 14, 14])
+    ops.run_op(ops.OPS[3], x3, w, paddle.zeros([32]), *args, 1, threads=threads)
+    y, dy, _, dw = reference(x3, w, 2, 1)
+    got, db = ops.run_op(ops.OPS[4], x3, dy, *args, [3, 3], threads=threads)
+    close(got, dw, "filter gradient (bias variant) from the kept input")
+    close(db, dy.sum([0, 2, 3]), "bias gradient")
+
+
+def test_kept_inputs_never_taken_are_bounded(ops):
+    # Forwards whose filter gradient never comes must not pile up: 150 kept inputs of
+    # 4 MiB (and their blocked copies) would be over a GiB.
+    w = paddle.randn([64, 64, 3, 3])
+    xs = [paddle.randn([16, 64, 32, 32]) for _ in range(3)]
+    ops.run_op(ops.OPS[0], xs[0], w, [1, 1], [1, 1], 1)
+    before = _rss_mib()
+    for _ in range(50):
+        for x in xs:
+            ops.run_op(ops.OPS[0], x + 0.0, w, [1, 1], [1, 1], 1)
+    grown = _rss_mib() - before
+    assert grown < 300, f"resident memory grew by {grown:.0f} MiB"
+
+
+_EXIT_WITH_KEPT_INPUTS = textwrap.dedent(
+    """
+    import paddle
+    from paddlefsl.metaopt import MAML
+    from paddlefsl.models import Conv4
+
+    model = Conv4(in_channels=1, num_classes=5, hidden=8, pooling="stride")
+    learner = MAML(model, lr=0.4)
+    clone = learner.clone()
+    # Forwards whose filter gradients never run: their inputs stay kept at exit, each one
+    # the output of a recorded op.
+    clone(paddle.randn([5, 1, 28, 28])).sum()
+    print("FORWARD DONE", flush=True)
+    """
+)
+
+
+def test_process_exits_with_kept_inputs(ops):
+    # Kept inputs left at exit once hung the process: freeing them ran autograd nodes'
+    # destructors, which wait for the interpreter's lock, after the interpreter was gone.
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITH_KEPT_INPUTS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "FORWARD DONE" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_records_no_graph(ops):
     x, w = paddle.randn([2, 4, 6, 6]), paddle.randn([4, 4, 3, 3])
     x.stop_gradient = w.stop_gradient = False

@@ -513,10 +513,10 @@ dy = paddle.randn(y.shape)
 dx, dw = paddle.grad([y], [x, w], [dy])
 x, w = x.detach(), w.detach()
 bias = paddle.randn([8])
-got = [ops.onednn_conv2d_forward(x, w, [2, 2], [1, 1], 1),
+got = [ops.onednn_conv2d_forward(x, w, [2, 2], [1, 1], 0, 1),
        ops.onednn_conv2d_backward_data(dy, w, [2, 2], [1, 1], [9, 9], 1),
        ops.onednn_conv2d_backward_weight(x, dy, [2, 2], [1, 1], [3, 3], 1),
-       ops.onednn_conv2d_forward_bias(x, w, bias, [2, 2], [1, 1], 1)]
+       ops.onednn_conv2d_forward_bias(x, w, bias, [2, 2], [1, 1], 1, 1)]
 got += ops.onednn_conv2d_backward_weight_bias(x, dy, [2, 2], [1, 1], [3, 3], 1)
 want = [y, dx, dw, y + bias.reshape([1, 8, 1, 1]), dw, dy.sum([0, 2, 3])]
 # The memory-bound layers against Paddle's own kernels.

@@ -2,15 +2,21 @@
 //
 // Raw custom ops, without grad ops (autograd is composed in Python):
 //
-//   onednn_conv2d_forward(x, w)          -> y    attrs: strides, paddings, threads
+//   onednn_conv2d_forward(x, w)          -> y    attrs: strides, paddings, keep, threads
 //   onednn_conv2d_backward_data(dy, w)   -> dx   attrs: strides, paddings, input_hw, threads
 //   onednn_conv2d_backward_weight(x, dy) -> dw   attrs: strides, paddings, kernel_hw, threads
-//   onednn_conv2d_forward_bias(x, w, b)  -> y = conv(x, w) + b (b per output channel)
+//   onednn_conv2d_forward_bias(x, w, b)  -> y = conv(x, w) + b (b per output channel);
+//                                           attrs as the forward
 //   onednn_conv2d_backward_weight_bias(x, dy) -> dw, db = dy summed per channel
 //
 // The bias variants fold a Conv2D layer's bias into the convolution: oneDNN adds it as the
 // output is written and sums its gradient while it reads dy, which saves a full pass over
 // the output each way.
+//
+// keep (forward ops): 1 when the filter gradient of this convolution will be asked for
+// (the caller records it in a graph). The blocked copy of x made for the forward is then
+// kept, and the filter-gradient op that gets the same x uses it instead of reordering x
+// again (see KeptInputs).
 //
 // strides = {sh, sw}; paddings = {ph, pw}, applied on both sides; threads >= 1 is the
 // OpenMP team size for this call only (the caller's setting is restored afterwards, so
@@ -328,6 +334,64 @@ paddle::Tensor scratch(const memory::desc& d) {
 
 void* data_of(const paddle::Tensor& t) { return const_cast<void*>(t.data()); }
 
+// Blocked copies of forward inputs, kept for the filter gradient of the same convolution.
+// A training step reorders every activation into the blocked layout for the forward and
+// again for the filter gradient; the second copy is the first one. An entry holds the
+// source tensor's storage too (not its autograd metadata, which would keep its graph
+// alive), so its memory (and address, the key) cannot be reused while the entry exists;
+// the filter-gradient op takes (removes) it. Entries never taken (a forward
+// whose backward never runs) are dropped oldest first beyond kKeptBytes or kKeptEntries.
+// Like any autograd, this assumes a convolution's input is not changed in place between
+// its forward and backward.
+constexpr size_t kKeptBytes = size_t{32} << 20;
+constexpr size_t kKeptEntries = 32;
+
+class KeptInputs {
+ public:
+  void put(const paddle::Tensor& source, const paddle::Tensor& blocked,
+           const memory::desc& desc) {
+    std::lock_guard<std::mutex> lock(mu_);
+    entries_.push_front({paddle::Tensor(source.impl()), blocked, desc});
+    bytes_ += desc.get_size();
+    while (!entries_.empty() && (bytes_ > kKeptBytes || entries_.size() > kKeptEntries)) {
+      bytes_ -= entries_.back().desc.get_size();
+      entries_.pop_back();
+    }
+  }
+
+  // The kept blocked copy of `source` in layout `desc`, removed from the store; an
+  // uninitialized tensor if there is none.
+  paddle::Tensor take(const paddle::Tensor& source, const memory::desc& desc) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->source.data() == source.data() && it->source.numel() == source.numel() &&
+          it->desc == desc) {
+        paddle::Tensor blocked = it->blocked;
+        bytes_ -= it->desc.get_size();
+        entries_.erase(it);
+        return blocked;
+      }
+    }
+    return paddle::Tensor();
+  }
+
+ private:
+  struct Entry {
+    paddle::Tensor source, blocked;
+    memory::desc desc;
+  };
+  std::mutex mu_;
+  std::list<Entry> entries_;  // newest first
+  size_t bytes_ = 0;
+};
+
+// Never destroyed: at process exit, freeing tensors after Paddle's allocator and Python
+// are gone could crash or hang.
+KeptInputs& kept_inputs() {
+  static KeptInputs* k = new KeptInputs;
+  return *k;
+}
+
 // An input argument as the primitive wants it: the tensor itself, or a blocked copy.
 memory prepare_input(const Arg& a, const paddle::Tensor& t, std::vector<paddle::Tensor>& keep,
                      dnnl::stream& s) {
@@ -343,7 +407,8 @@ memory prepare_input(const Arg& a, const paddle::Tensor& t, std::vector<paddle::
 // which conv argument each one is depends on the op. `bias` is the bias (forward) or its
 // gradient (backward weights) of the bias variants, a plain [O] vector; null otherwise.
 void run(Kind kind, const Geometry& g, int threads, const paddle::Tensor& in0,
-         const paddle::Tensor& in1, paddle::Tensor& out, paddle::Tensor* bias = nullptr) {
+         const paddle::Tensor& in1, paddle::Tensor& out, paddle::Tensor* bias = nullptr,
+         bool keep_src = false) {
   const char* op = kind_name(kind);
   PD_CHECK(threads >= 1, op, ": threads must be >= 1, got ", threads);
   ThreadGuard guard(threads);
@@ -366,7 +431,18 @@ void run(Kind kind, const Geometry& g, int threads, const paddle::Tensor& in0,
       a0 = &e->src, a1 = &e->dst, ao = &e->wei;
       k0 = DNNL_ARG_SRC, k1 = DNNL_ARG_DIFF_DST, ko = DNNL_ARG_DIFF_WEIGHTS;
     }
-    memory m0 = prepare_input(*a0, in0, keep, s);
+    const bool forward = kind == kForward || kind == kForwardBias;
+    const bool filter_gradient = kind == kBackwardWeight || kind == kBackwardWeightBias;
+    paddle::Tensor kept;  // in0 (x) as a forward of the same convolution left it
+    if (filter_gradient && a0->reorder) kept = kept_inputs().take(in0, a0->blocked);
+    memory m0;
+    if (kept.initialized()) {
+      m0 = memory(a0->blocked, cpu_engine(), data_of(kept));
+      keep.push_back(kept);
+    } else {
+      m0 = prepare_input(*a0, in0, keep, s);
+      if (forward && keep_src && a0->reorder) kept_inputs().put(in0, keep.back(), a0->blocked);
+    }
     memory m1 = prepare_input(*a1, in1, keep, s);
     memory out_plain(ao->plain, cpu_engine(), data_of(out));
     memory mo = out_plain;
@@ -402,7 +478,7 @@ namespace {
 // The forward op, with (b != nullptr) or without the folded bias.
 std::vector<paddle::Tensor> forward(Kind kind, const paddle::Tensor& x, const paddle::Tensor& w,
                                     const paddle::Tensor* b, const std::vector<int>& strides,
-                                    const std::vector<int>& paddings, int threads) {
+                                    const std::vector<int>& paddings, int keep, int threads) {
   const char* op = kind_name(kind);
   check_tensor(op, "x", x);
   check_tensor(op, "w", w);
@@ -415,7 +491,8 @@ std::vector<paddle::Tensor> forward(Kind kind, const paddle::Tensor& x, const pa
                          paddle::CPUPlace());
   paddle::Tensor bias = b == nullptr ? paddle::Tensor() : contiguous(*b);
   if (g.n > 0) {
-    run(kind, g, threads, contiguous(x), contiguous(w), y, b == nullptr ? nullptr : &bias);
+    run(kind, g, threads, contiguous(x), contiguous(w), y, b == nullptr ? nullptr : &bias,
+        keep != 0);
   }
   return {y};
 }
@@ -423,16 +500,17 @@ std::vector<paddle::Tensor> forward(Kind kind, const paddle::Tensor& x, const pa
 
 std::vector<paddle::Tensor> ForwardKernel(const paddle::Tensor& x, const paddle::Tensor& w,
                                           const std::vector<int>& strides,
-                                          const std::vector<int>& paddings, int threads) {
-  return forward(kForward, x, w, nullptr, strides, paddings, threads);
+                                          const std::vector<int>& paddings, int keep,
+                                          int threads) {
+  return forward(kForward, x, w, nullptr, strides, paddings, keep, threads);
 }
 
 std::vector<paddle::Tensor> ForwardBiasKernel(const paddle::Tensor& x, const paddle::Tensor& w,
                                               const paddle::Tensor& b,
                                               const std::vector<int>& strides,
-                                              const std::vector<int>& paddings,
+                                              const std::vector<int>& paddings, int keep,
                                               int threads) {
-  return forward(kForwardBias, x, w, &b, strides, paddings, threads);
+  return forward(kForwardBias, x, w, &b, strides, paddings, keep, threads);
 }
 
 std::vector<paddle::Tensor> BackwardDataKernel(const paddle::Tensor& dy,
@@ -521,7 +599,7 @@ int64_t infer_out(int64_t in, int64_t k, int s, int p) {
 std::vector<std::vector<int64_t>> ForwardShape(const std::vector<int64_t>& x,
                                                const std::vector<int64_t>& w,
                                                const std::vector<int>& strides,
-                                               const std::vector<int>& paddings, int) {
+                                               const std::vector<int>& paddings, int, int) {
   return {{x[0], w[0], infer_out(x[2], w[2], strides[0], paddings[0]),
            infer_out(x[3], w[3], strides[1], paddings[1])}};
 }
@@ -551,8 +629,9 @@ std::vector<std::vector<int64_t>> ForwardBiasShape(const std::vector<int64_t>& x
                                                    const std::vector<int64_t>& w,
                                                    const std::vector<int64_t>&,
                                                    const std::vector<int>& strides,
-                                                   const std::vector<int>& paddings, int t) {
-  return ForwardShape(x, w, strides, paddings, t);
+                                                   const std::vector<int>& paddings, int k,
+                                                   int t) {
+  return ForwardShape(x, w, strides, paddings, k, t);
 }
 
 std::vector<std::vector<int64_t>> BackwardWeightBiasShape(const std::vector<int64_t>& x,
@@ -576,7 +655,8 @@ std::vector<paddle::DataType> Float32x2(const paddle::DataType&, const paddle::D
 PD_BUILD_OP(onednn_conv2d_forward)
     .Inputs({"X", "W"})
     .Outputs({"Y"})
-    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "threads: int"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "keep: int",
+            "threads: int"})
     .SetKernelFn(PD_KERNEL(ForwardKernel))
     .SetInferShapeFn(PD_INFER_SHAPE(ForwardShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(Float32));
@@ -602,7 +682,8 @@ PD_BUILD_OP(onednn_conv2d_backward_weight)
 PD_BUILD_OP(onednn_conv2d_forward_bias)
     .Inputs({"X", "W", "B"})
     .Outputs({"Y"})
-    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "threads: int"})
+    .Attrs({"strides: std::vector<int>", "paddings: std::vector<int>", "keep: int",
+            "threads: int"})
     .SetKernelFn(PD_KERNEL(ForwardBiasKernel))
     .SetInferShapeFn(PD_INFER_SHAPE(ForwardBiasShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(Float32Of3));

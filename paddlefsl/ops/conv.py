@@ -63,9 +63,9 @@ class _OneDNNKernels:
             self._attrs[geo] = attrs
         return attrs
 
-    def forward(self, x, w, geo: ConvGeometry):
+    def forward(self, x, w, geo: ConvGeometry, keep: bool = False):
         s, p, _, _ = self._of(geo)
-        return self._m.run_op(self._m.OPS[0], x, w, s, p)[0]
+        return self._m.run_op(self._m.OPS[0], x, w, s, p, int(keep))[0]
 
     def backward_data(self, dy, w, geo: ConvGeometry):
         s, p, hw, _ = self._of(geo)
@@ -75,9 +75,9 @@ class _OneDNNKernels:
         s, p, _, k = self._of(geo)
         return self._m.run_op(self._m.OPS[2], x, dy, s, p, k)[0]
 
-    def forward_bias(self, x, w, b, geo: ConvGeometry):
+    def forward_bias(self, x, w, b, geo: ConvGeometry, keep: bool = False):
         s, p, _, _ = self._of(geo)
-        return self._m.run_op(self._m.OPS[3], x, w, b, s, p)[0]
+        return self._m.run_op(self._m.OPS[3], x, w, b, s, p, int(keep))[0]
 
     def backward_weight_bias(self, x, dy, geo: ConvGeometry):
         s, p, _, k = self._of(geo)

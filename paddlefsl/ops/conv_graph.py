@@ -49,13 +49,21 @@ class ConvGeometry:
 class ConvKernels(Protocol):
     """Raw (graph-free) convolution kernels: forward, input gradient, filter gradient."""
 
-    def forward(self, x: Tensor, w: Tensor, geo: ConvGeometry) -> Tensor: ...
+    def forward(self, x: Tensor, w: Tensor, geo: ConvGeometry, keep: bool = False) -> Tensor:
+        """``conv(x, w)``.
+
+        ``keep``: the filter gradient of this convolution (same ``x``) will be asked for,
+        so the kernel may keep what it prepared of ``x`` for it.
+        """
+        ...
 
     def backward_data(self, dy: Tensor, w: Tensor, geo: ConvGeometry) -> Tensor: ...
 
     def backward_weight(self, x: Tensor, dy: Tensor, geo: ConvGeometry) -> Tensor: ...
 
-    def forward_bias(self, x: Tensor, w: Tensor, b: Tensor, geo: ConvGeometry) -> Tensor: ...
+    def forward_bias(
+        self, x: Tensor, w: Tensor, b: Tensor, geo: ConvGeometry, keep: bool = False
+    ) -> Tensor: ...
 
     def backward_weight_bias(
         self, x: Tensor, dy: Tensor, geo: ConvGeometry
@@ -69,7 +77,7 @@ class _NativeKernels:
     def _attrs(geo: ConvGeometry) -> tuple:
         return list(geo.strides), list(geo.paddings), "EXPLICIT", [1, 1], 1, "NCHW"
 
-    def forward(self, x: Tensor, w: Tensor, geo: ConvGeometry) -> Tensor:
+    def forward(self, x: Tensor, w: Tensor, geo: ConvGeometry, keep: bool = False) -> Tensor:
         with paddle.no_grad():
             return native("conv2d")(x, w, *self._attrs(geo))
 
@@ -85,7 +93,9 @@ class _NativeKernels:
         with paddle.no_grad():
             return native("conv2d_grad")(x, w, dy, *self._attrs(geo))[1]
 
-    def forward_bias(self, x: Tensor, w: Tensor, b: Tensor, geo: ConvGeometry) -> Tensor:
+    def forward_bias(
+        self, x: Tensor, w: Tensor, b: Tensor, geo: ConvGeometry, keep: bool = False
+    ) -> Tensor:
         with paddle.no_grad():
             return native("add")(self.forward(x, w, geo), b.reshape([1, -1, 1, 1]))
 
@@ -159,8 +169,10 @@ class _OneInput(paddle.autograd.PyLayer):
         if zeros_shape is not None:
             return paddle.zeros(zeros_shape, dtype=operand.dtype)
         a, b = (operand, held.tensor) if index == 0 else (held.tensor, operand)
-        if bias is not None:
-            return kernels.forward_bias(a, b, bias.tensor, geo)
+        if bias is not None:  # a forward convolution; the filter's node keeps x for W
+            return kernels.forward_bias(a, b, bias.tensor, geo, keep=index == 1)
+        if op == "F":
+            return kernels.forward(a, b, geo, keep=index == 1)
         return _run(op, a, b, kernels, geo)
 
     @staticmethod
@@ -185,8 +197,11 @@ class _Whole(paddle.autograd.PyLayer):
     def forward(ctx, a, b, bias, op, kernels, geo):
         ctx.a, ctx.b, ctx.has_bias, ctx.op = a, b, bias is not None, op
         ctx.kernels, ctx.geo = kernels, geo
+        # A forward convolution's backward always computes the filter gradient W(x, g).
         if bias is not None:
-            return kernels.forward_bias(a, b, bias, geo)
+            return kernels.forward_bias(a, b, bias, geo, keep=True)
+        if op == "F":
+            return kernels.forward(a, b, geo, keep=True)
         return _run(op, a, b, kernels, geo)
 
     @staticmethod
@@ -237,7 +252,7 @@ class _FilterAndBias(paddle.autograd.PyLayer):
         ctx.held_x, ctx.kernels, ctx.geo = held_x, kernels, geo
         if zeros_shape is not None:
             return paddle.zeros(zeros_shape, dtype=w.dtype)
-        return kernels.forward_bias(held_x.tensor, w, b, geo)
+        return kernels.forward_bias(held_x.tensor, w, b, geo, keep=True)
 
     @staticmethod
     def backward(ctx, g):

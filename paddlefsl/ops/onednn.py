@@ -177,7 +177,7 @@ def conv2d_forward(
         [5, 4, 5, 5] True
 
     """
-    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings")]
+    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings"), 0]  # 0: keep nothing
     return _call(OPS[0], x, w, attrs, threads)
 
 
@@ -290,7 +290,7 @@ def conv2d_forward_bias(
         [2, 4, 5, 5] True
 
     """
-    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings")]
+    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings"), 0]  # 0: keep nothing
     return run_op(OPS[3], x, w, b, *attrs, threads=threads)[0]
 
 
@@ -337,7 +337,7 @@ def _pair(value: int | Sequence[int], name: str) -> list[int]:
 
 
 def _call(
-    op: str, a: paddle.Tensor, b: paddle.Tensor, attrs: list[list[int]], threads: int | None
+    op: str, a: paddle.Tensor, b: paddle.Tensor, attrs: list, threads: int | None
 ) -> paddle.Tensor:
     return run_op(op, a, b, *attrs, threads=threads)[0]
 
