@@ -54,9 +54,10 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
     from paddlefsl.metaopt import ANIL, MAML
     from paddlefsl.models import Conv4
     from paddlefsl.ops import cpu_kernels, onednn
-    from paddlefsl.runtime import tune_allocator, use_cores
+    from paddlefsl.runtime import tune_allocator, unlock_mkl_on_amd, use_cores
 
     tune_allocator()  # as the paddlefsl CLI does
+    unlock_mkl_on_amd()
     use_cores(world)
 
     w = WORKLOADS[workload]
@@ -126,6 +127,7 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
         "onednn_off": onednn.unavailable_reason(),
         # bias / ReLU / BatchNorm / max-pool on paddlefsl's CPU kernels (same thread count)
         "cpu_kernels": cpu_kernels.usable(paddle.zeros([1])),
+        "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
     }
 
 

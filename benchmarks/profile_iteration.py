@@ -21,7 +21,7 @@ from bench_learners import QUERIES, SHOTS, WAYS, WORKLOADS
 from paddlefsl.metaopt import ANIL, MAML
 from paddlefsl.models import Conv4
 from paddlefsl.ops import onednn
-from paddlefsl.runtime import tune_allocator, use_cores
+from paddlefsl.runtime import tune_allocator, unlock_mkl_on_amd, use_cores
 
 
 def conv_flops_per_image(w: dict) -> float:
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     tune_allocator()
+    unlock_mkl_on_amd()
     use_cores(1)
     w = WORKLOADS[args.workload]
     paddle.seed(0)

@@ -66,3 +66,12 @@ def test_bench_layers_quick_prints_every_layer():
     layers = {row["layer"] for row in rows}
     assert {"bias add", "relu", "batch norm", "max pool fwd+bwd"} <= layers
     assert all(row["ours_2t_ms"] > 0 and row["paddle_ms"] > 0 for row in rows)
+
+
+def test_bench_matmul_compares_both_settings():
+    out = run("bench_matmul.py", "--repeat", "1", "--threads", "1")
+    rows = [line.split() for line in out.splitlines() if "GFLOP/s" in line]
+    assert [r[0] for r in rows].count("default") == 4 and [r[0] for r in rows].count(
+        "unlocked"
+    ) == 4
+    assert all(float(r[-2]) > 0 for r in rows)

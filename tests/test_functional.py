@@ -1,5 +1,7 @@
 """The functional core: substitution by name, restoration, tied and fused-RNN weights."""
 
+import os
+
 import numpy as np
 import paddle
 import pytest
@@ -118,6 +120,40 @@ def test_tune_allocator_applies_on_linux_glibc():
         assert result is True
     else:
         assert result is False
+
+
+@pytest.mark.parametrize(
+    "vendor, preset, expected, value",
+    [
+        ("AuthenticAMD", None, True, "5"),  # AMD: the AVX2 path is switched on
+        ("AuthenticAMD", "0", True, "0"),  # the user's own value is kept
+        ("GenuineIntel", None, False, None),  # elsewhere nothing changes
+        ("", None, False, None),  # vendor unknown: nothing changes
+    ],
+)
+def test_unlock_mkl_on_amd_sets_the_switch_only_on_amd(
+    monkeypatch, vendor, preset, expected, value
+):
+    from paddlefsl import runtime
+
+    monkeypatch.setattr(runtime, "_cpu_vendor", lambda: vendor)
+    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    if preset is not None:
+        monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", preset)
+    assert runtime.unlock_mkl_on_amd() is expected
+    assert os.environ.get("MKL_DEBUG_CPU_TYPE") == value
+
+
+def test_cpu_vendor_is_read_on_linux_x86():
+    import platform
+    import sys
+
+    from paddlefsl.runtime import _cpu_vendor
+
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        pytest.skip("reads the vendor_id of /proc/cpuinfo, which x86 Linux has")
+    vendor = _cpu_vendor()
+    assert vendor and vendor.isalnum(), repr(vendor)  # e.g. GenuineIntel, AuthenticAMD
 
 
 def test_named_grad_scale_multiplies_the_gradients_to_second_order():
