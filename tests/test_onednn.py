@@ -96,6 +96,34 @@ def test_bias_variants_match_paddle(ops, shape, out_channels, k, stride, padding
     close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
 
 
+# Filter gradients with C*KH*KW <= 27 run as unfolded products (gemm_filter_gradient):
+# several blocks of output rows, 5x5 windows, 1x1 windows, padding beyond the window.
+FEW_CHANNEL_CASES = [
+    ((2, 3, 84, 84), 32, 3, 1, 1),  # miniImageNet's first layer: 14 blocks of rows
+    ((3, 1, 28, 28), 64, 3, 2, 1),  # Omniglot's strided first layer
+    ((3, 1, 9, 11), 5, 5, 1, 2),  # 25 = 1*5*5, non-square
+    ((4, 2, 11, 8), 5, 3, 2, 0),  # even rows left over by the stride
+    ((1, 27, 6, 6), 7, 1, 1, 0),  # 1x1 window: the limit 27
+    ((2, 28, 6, 6), 7, 1, 1, 0),  # just above it: oneDNN's kernel
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, out_channels, k, stride, padding", FEW_CHANNEL_CASES)
+def test_few_channel_filter_gradients_match_paddle(
+    ops, shape, out_channels, k, stride, padding, threads
+):
+    x = paddle.randn(shape)
+    w = paddle.randn([out_channels, shape[1], k, k]) * 0.1
+    _, dy, _, dw = reference(x, w, stride, padding)
+    what = f"{shape} -> {out_channels}, k{k} s{stride} p{padding}, {threads} thread(s)"
+    got = ops.conv2d_backward_weight(x, dy, [stride] * 2, [padding] * 2, [k, k], threads)
+    close(got, dw, "backward_weight " + what)
+    got_dw, got_db = ops.conv2d_backward_weight_bias(x, dy, stride, padding, [k, k], threads)
+    close(got_dw, dw, "backward_weight_bias (dw) " + what)
+    close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
+
+
 def test_bias_variants_on_an_empty_batch_and_a_bad_bias(ops):
     x, w = paddle.randn([0, 4, 6, 6]), paddle.randn([8, 4, 3, 3])
     assert ops.conv2d_forward_bias(x, w, paddle.zeros([8]), 1, 1).shape == [0, 8, 6, 6]
