@@ -124,6 +124,38 @@ def test_few_channel_filter_gradients_match_paddle(
     close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
 
 
+_IMPLEMENTATIONS = textwrap.dedent(
+    """
+    import paddle
+    from paddlefsl.ops import onednn
+
+    for shape, out_channels, k, stride, padding in CASES:
+        x, w = paddle.randn(shape), paddle.randn([out_channels, shape[1], k, k])
+        y = onednn.conv2d_forward(x, w, stride, padding)
+        onednn.conv2d_backward_data(y, w, stride, padding, shape[2:])
+        onednn.conv2d_backward_weight(x, y, [stride] * 2, [padding] * 2, [k, k])
+    """
+)
+
+
+def test_no_convolution_runs_on_the_reference_kernels(ops):
+    # oneDNN's naive "ref" kernels accept any layout and are 100x slower; the input
+    # gradient of a 1- or 3-channel NCHW input once landed on them.
+    script = f"CASES = {CASES!r}\n" + _IMPLEMENTATIONS
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, ONEDNN_VERBOSE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = [line for line in done.stdout.splitlines() if ",exec,cpu,convolution," in line]
+    assert len(runs) >= len(CASES) * 2, done.stdout[-2000:]
+    slow = [line for line in runs if ",ref:" in line]
+    assert not slow, "\n".join(slow)
+
+
 def test_bias_variants_on_an_empty_batch_and_a_bad_bias(ops):
     x, w = paddle.randn([0, 4, 6, 6]), paddle.randn([8, 4, 3, 3])
     assert ops.conv2d_forward_bias(x, w, paddle.zeros([8]), 1, 1).shape == [0, 8, 6, 6]

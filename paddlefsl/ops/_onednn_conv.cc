@@ -241,6 +241,9 @@ void init_arg(Arg& a, const memory::desc& plain, const memory::desc& chosen,
   }
 }
 
+// oneDNN's naive reference implementations are named "ref:...".
+bool is_reference(const char* impl) { return std::string(impl).rfind("ref", 0) == 0; }
+
 std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
   auto& eng = cpu_engine();
   const memory::dims xd{g.n, g.c, g.h, g.w}, wd{g.o, g.c, g.kh, g.kw},
@@ -268,12 +271,18 @@ std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
     // The forward's activation layouts when an implementation takes them: left to choose
     // (format "any"), oneDNN may pick a channels-last kernel here whose transposing
     // reorders from and to Paddle's NCHW cost more than the kernel saves.
+    // oneDNN's reference kernel takes any layout, so the forward's may only be served by
+    // it (a plain NCHW x of 1-3 channels): 100x slower than letting oneDNN choose.
     dnnl::convolution_backward_data::primitive_desc bwd;
+    bool chosen = false;
     try {
       bwd = dnnl::convolution_backward_data::primitive_desc(
           eng, dnnl::algorithm::convolution_direct, fwd.src_desc(), w_any, fwd.dst_desc(),
           strides, pads, pads, fwd);
+      chosen = !is_reference(bwd.impl_info_str());
     } catch (const dnnl::error&) {
+    }
+    if (!chosen) {
       bwd = dnnl::convolution_backward_data::primitive_desc(
           eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads,
           pads, fwd);
