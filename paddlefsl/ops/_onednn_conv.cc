@@ -18,6 +18,10 @@
 // kept, and the filter-gradient op that gets the same x uses it instead of reordering x
 // again (see KeptInputs).
 //
+// Filter gradients of convolutions with few input channels (C*KH*KW <= 27: an image
+// network's first layer) are products of matrices on oneDNN's sgemm instead of its
+// convolution kernels (see gemm_filter_gradient_applies).
+//
 // strides = {sh, sw}; paddings = {ph, pw}, applied on both sides; threads >= 1 is the
 // OpenMP team size for this call only (the caller's setting is restored afterwards, so
 // Paddle's own kernels keep their thread count).
