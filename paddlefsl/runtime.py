@@ -119,8 +119,8 @@ def unlock_mkl_on_amd() -> bool:
     Paddle's CPU wheel ships an MKL (``libmklml_intel``) that picks its code path by CPU
     vendor: on AMD it runs generic SSE code. Its ``MKL_DEBUG_CPU_TYPE=5`` switch selects
     the AVX2 path, which every AMD CPU with AVX2 runs correctly. Measured on a 2-core AMD
-    EPYC (Zen 3), one thread: ``paddle.matmul`` of 2048x2048 matrices 12 -> 49 GFLOP/s, a
-    [80, 64] x [64, 5] product 21 -> 11 us (``benchmarks/bench_matmul.py``). It matters for
+    EPYC (Zen 3), one thread: ``paddle.matmul`` of 2048x2048 matrices 18.5 -> 73 GFLOP/s,
+    a [80, 64] x [64, 5] product 24 -> 9 us (``benchmarks/bench_matmul.py``). It matters for
     models made of matrix products (MLPs, transformers) and for convolutions on Paddle's
     own kernels; paddlefsl's oneDNN convolutions do not use MKL.
 
