@@ -157,6 +157,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue the run in --output from its last checkpoint",
     )
+    group.add_argument(
+        "--init-from",
+        default=s,
+        metavar="DIR_OR_FILE",
+        help="start a new run from these weights (a run folder's best checkpoint, a "
+        "model-zoo export or a checkpoint file) instead of a random initialisation; "
+        "the optimizer starts afresh",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -264,6 +272,11 @@ def _train_config(args: argparse.Namespace) -> Any:
     last = Path(output) / CHECKPOINT_DIR / "last.json"
     if not args.resume:
         config, _ = build_config(preset, **given)
+        if config.init_from and not Path(config.init_from).exists():
+            raise ConfigError(
+                f"--init-from: {config.init_from} does not exist (give a run folder, a "
+                "model-zoo export folder or a checkpoint file)"
+            )
         if last.is_file():
             raise ConfigError(
                 f"{output} already holds a run (checkpoints/last.json); pass --resume to "
@@ -372,6 +385,12 @@ def _run_training(config: Any, progress: bool, resume: bool) -> int:
     if resume:
         start = trainer.resume()
         say(f"resuming {config.output} at iteration {start}", file=sys.stderr)
+    elif config.init_from:
+        start = trainer.warm_start(config.init_from)
+        say(
+            f"starting from the weights of {config.init_from} (iteration {start} of its run)",
+            file=sys.stderr,
+        )
     say(
         f"{config.algorithm} on {config.dataset}: {config.ways}-way {config.shots}-shot, "
         f"{config.iterations} iterations -> {config.output}",

@@ -16,6 +16,7 @@ from .presets import DATASET_DEFAULTS, get_preset
 __all__ = [
     "ALGORITHMS",
     "DATASETS",
+    "MODEL_FIELDS",
     "RUNTIME_FIELDS",
     "TrainConfig",
     "build_config",
@@ -26,6 +27,9 @@ __all__ = [
 
 ALGORITHMS = ("maml", "fomaml", "anil")
 DATASETS = ("omniglot", "miniimagenet", "sinusoid")
+
+#: Fields that shape the network: a warm start needs the same values.
+MODEL_FIELDS = ("dataset", "ways", "hidden", "pooling", "image_size")
 
 #: Fields that may change when a run is resumed: they never change the weights.
 RUNTIME_FIELDS = frozenset(
@@ -80,6 +84,10 @@ class TrainConfig:
         data_root: Dataset folder (unused for sinusoid).
         output: Run folder (config, metrics, checkpoints).
         preset: Name of the preset it started from, if any (informative).
+        init_from: Weights to start from instead of a random initialisation: a run
+            folder (its best checkpoint), an export folder (a model-zoo entry) or a
+            checkpoint file. Only the weights: the optimizer starts afresh
+            (see :meth:`~paddlefsl.train.MetaTrainer.warm_start`).
 
     Example:
         >>> cfg, _ = build_config(preset="maml-omniglot-5w1s", output="runs/x")
@@ -114,6 +122,7 @@ class TrainConfig:
     data_root: str | None = None
     output: str | None = None
     preset: str | None = None
+    init_from: str | None = None
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -174,6 +183,13 @@ class TrainConfig:
                 or value <= 0
             ):
                 raise ConfigError(f"{_flag(name)} must be a positive number (got {value!r})")
+        if self.init_from is not None and (
+            not isinstance(self.init_from, str) or not self.init_from.strip()
+        ):
+            raise ConfigError(
+                f"--init-from must name a run folder, an export folder or a checkpoint "
+                f"file (got {self.init_from!r})"
+            )
         if self.dataset == "sinusoid" and self.ways != 1:
             raise ConfigError(
                 f"--ways does not apply to --dataset sinusoid (got {self.ways}); drop it"

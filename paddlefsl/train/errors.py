@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 class ConfigMismatchError(ConfigError):
-    """Resuming a run with a configuration that differs from the saved one.
+    """Resuming (or warm-starting) a run with a configuration that differs from the saved one.
 
     Attributes:
         fields: ``{name: (saved, given)}`` for every differing field.
@@ -33,10 +33,12 @@ class ConfigMismatchError(ConfigError):
 
     """
 
-    def __init__(self, fields: dict[str, tuple[object, object]], hint: str = "") -> None:
+    def __init__(
+        self, fields: dict[str, tuple[object, object]], hint: str = "", action: str = "resume"
+    ) -> None:
         self.fields = dict(fields)
         listed = ", ".join(f"{k} (saved {s!r}, given {g!r})" for k, (s, g) in fields.items())
-        message = f"cannot resume: the configuration differs from the saved run in {listed}"
+        message = f"cannot {action}: the configuration differs from the saved run in {listed}"
         super().__init__(message + (f"; {hint}" if hint else ""))
 
 

@@ -17,7 +17,7 @@ import paddle
 
 from ..data import MetaBatchLoader
 from .checkpoint import CheckpointManager, atomic_write_json, load_checkpoint
-from .config import CONFIG_FILE, RUNTIME_FIELDS, config_diff
+from .config import CONFIG_FILE, MODEL_FIELDS, RUNTIME_FIELDS, config_diff
 from .distributed import Group, current_group
 from .errors import CheckpointError, ConfigMismatchError, NonFiniteLossError
 from .evaluate import EvalResult, evaluate
@@ -234,6 +234,73 @@ class MetaTrainer:
         if self.metrics is not None:
             self.metrics.truncate_after(ckpt.iteration)
             self.metrics.write({"iteration": ckpt.iteration, "event": "resume"})
+        return ckpt.iteration
+
+    # ------------------------------------------------------------------ warm start
+    def warm_start(self, path: str | Path, which: str = "best") -> int:
+        """Start a new run from the weights of an earlier run or a model-zoo export.
+
+        Only the weights and buffers (batch-norm statistics) are taken; the optimizer,
+        the random states and the iteration count start afresh, so the run is a new one
+        that begins where the other left its weights (Adam rebuilds its moment estimates
+        within a few hundred steps). Use :meth:`resume` to continue a run exactly.
+
+        Args:
+            path: A run folder, an export folder, a record ``.json`` or a ``.pdparams``.
+            which: For a run folder, its ``"best"`` or ``"last"`` checkpoint.
+
+        Returns:
+            The iteration the weights were saved at in their own run.
+
+        Raises:
+            CheckpointError: the trainer has already trained or resumed, the
+                checkpoint is missing or damaged, or it does not fit the model.
+            ConfigMismatchError: the checkpoint's saved configuration describes another
+                network (dataset, ways, width, pooling or image size).
+
+        Example:
+            >>> import tempfile, paddle
+            >>> from paddlefsl.data import SinusoidTasks
+            >>> from paddlefsl.metaopt import MAML
+            >>> from paddlefsl.models import MLP
+            >>> from paddlefsl.train import MetaTrainer
+            >>> def trainer(out):
+            ...     maml = MAML(MLP(1, [8], 1), lr=0.01)
+            ...     opt = paddle.optimizer.Adam(1e-3, parameters=maml.parameters())
+            ...     return MetaTrainer(maml, opt, SinusoidTasks(shots=5, seed=0),
+            ...                        meta_batch_size=2, output_dir=out, progress=False)
+            >>> first, second = tempfile.mkdtemp(), tempfile.mkdtemp()
+            >>> trainer(first).fit(iterations=2).status
+            'completed'
+            >>> trainer(second).warm_start(first, which="last")
+            2
+
+        """
+        if self.iteration or self._last_checkpoint is not None:
+            raise CheckpointError(
+                f"warm_start() starts a new run, but this trainer is at iteration "
+                f"{self.iteration}; use a fresh trainer (or resume() to continue a run)"
+            )
+        ckpt = load_checkpoint(path, which=which)
+        if self.config and ckpt.config:
+            diff = config_diff(ckpt.config, self.config, only=set(MODEL_FIELDS))
+            if diff:
+                raise ConfigMismatchError(
+                    diff,
+                    "start from a checkpoint of the same network, or change the options",
+                    action=f"start from {ckpt.path}",
+                )
+        ckpt.load_model(self.model)
+        if self.metrics is not None:
+            self.metrics.write(
+                {
+                    "iteration": 0,
+                    "event": "warm_start",
+                    "from": str(ckpt.path),
+                    "from_iteration": ckpt.iteration,
+                    "sha256": ckpt.record["sha256"]["model"],
+                }
+            )
         return ckpt.iteration
 
     # ------------------------------------------------------------------ one step

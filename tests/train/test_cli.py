@@ -135,3 +135,49 @@ def test_a_failed_training_process_is_reported(capsys, monkeypatch, tmp_path):
     assert "a training process failed (exit codes [-15, 1])" in err
     assert "boom: gloo" in err
     assert f"paddlefsl train --resume --output {tmp_path / 'run'}" in err
+
+
+def test_init_from_starts_a_new_run_from_saved_weights(capsys, tmp_path):
+    from paddlefsl.train.checkpoint import load_checkpoint
+
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    assert main(SINUSOID + ["--output", first]) == 0
+    capsys.readouterr()
+    source = load_checkpoint(first, which="best")
+
+    # Zero iterations more: the new run's only checkpoint holds exactly the source weights.
+    argv = SINUSOID + ["--output", second, "--init-from", first, "--seed", "1"]
+    argv[argv.index("--iterations") + 1] = "1"
+    assert main(argv) == 0
+    assert "starting from the weights of" in capsys.readouterr().err
+    events = [
+        json.loads(line)
+        for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()
+    ]
+    warm = [e for e in events if e.get("event") == "warm_start"]
+    assert len(warm) == 1 and warm[0]["from_iteration"] == source.iteration
+    assert warm[0]["sha256"] == source.record["sha256"]["model"]
+    saved = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert saved["init_from"] == first and saved["seed"] == 1
+
+    # One step of Adam from the source weights moves each weight by at most ~meta_lr.
+    after = load_checkpoint(second, which="last")
+    assert after.iteration == 1
+    for name, value in source.model_state.items():
+        moved = abs(after.model_state[name].numpy() - value.numpy()).max()
+        assert 0 < moved <= 1.01e-3, (name, moved)
+
+
+def test_init_from_errors_name_the_problem(capsys, tmp_path):
+    first = str(tmp_path / "first")
+    assert main(SINUSOID + ["--output", first]) == 0
+    capsys.readouterr()
+    line = cli_error(
+        capsys,
+        SINUSOID + ["--output", str(tmp_path / "a"), "--init-from", str(tmp_path / "missing")],
+    )
+    assert "--init-from" in line and "does not exist" in line
+    wider = SINUSOID + ["--output", str(tmp_path / "b"), "--init-from", first]
+    wider[wider.index("--hidden") + 1] = "16"
+    line = cli_error(capsys, wider)
+    assert "hidden (saved 8, given 16)" in line and "cannot start from" in line

@@ -11,6 +11,7 @@ from paddlefsl.data import TaskSampler, fixed_tasks
 from paddlefsl.metaopt import ANIL, MAML
 from paddlefsl.models import Conv4
 from paddlefsl.train import (
+    CheckpointError,
     CheckpointManager,
     ConfigMismatchError,
     MetaTrainer,
@@ -109,6 +110,27 @@ def test_resume_with_different_config_is_refused(factory, tmp_path):
     other.config["ways"] = 3
     with pytest.raises(ConfigMismatchError, match="ways"):
         other.resume()
+
+
+def test_warm_start_takes_weights_only_and_only_on_a_new_run(factory, tmp_path):
+    source = factory.classification(output_dir=tmp_path / "source")
+    source.fit(3)
+    fresh = factory.classification(output_dir=tmp_path / "new")
+    before = {k: v.numpy().copy() for k, v in fresh.model.state_dict().items()}
+    assert fresh.warm_start(tmp_path / "source", which="last") == 3
+    saved = CheckpointManager(tmp_path / "source").load("last").model_state
+    after = fresh.model.state_dict()
+    assert any(not np.array_equal(before[k], after[k].numpy()) for k in before)
+    assert set(after) == set(saved)
+    for name, value in after.items():
+        np.testing.assert_array_equal(value.numpy(), saved[name].numpy())
+    assert fresh.iteration == 0
+    with pytest.raises(CheckpointError, match="starts a new run"):
+        source.warm_start(tmp_path / "source")
+    other = factory.classification(output_dir=tmp_path / "other")
+    other.config["ways"] = 3
+    with pytest.raises(ConfigMismatchError, match="cannot start from .*ways"):
+        other.warm_start(tmp_path / "source", which="last")
 
 
 def test_best_and_last_checkpoints(factory, tmp_path):
