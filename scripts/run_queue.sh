@@ -9,6 +9,9 @@
 # PLAN lists "preset@iterations" stages in order: a short first stage gives every preset a
 # measured number early; a later stage of the same preset continues the same run.
 # Results: <runs>/<preset>/evals/<iterations>/eval_test.json.
+# NEW_RUN_ARGS adds options to the command that starts a run (not to a resume), e.g.
+# NEW_RUN_ARGS="--init-from zoo/maml-omniglot-5w5s --seed 1" to continue a committed
+# stage's weights on a machine that lost the run folder (docs/cli.md, --init-from).
 # NPROC sets processes per run (default: one per core). PADDLEFSL sets the command (default
 # "paddlefsl"); to keep a long queue on fixed code while the checkout changes, point it at a
 # snapshot: PYTHONPATH=/snapshot PADDLEFSL="python -m paddlefsl".
@@ -33,7 +36,8 @@ for stage in $PLAN; do
   if [ -f "$out/checkpoints/last.json" ]; then
     start=(--resume)
   else
-    start=(--preset "$preset" --eval-every 1000 --val-tasks 200 --checkpoint-every 200)
+    read -r -a extra <<< "${NEW_RUN_ARGS:-}"
+    start=(--preset "$preset" --eval-every 1000 --val-tasks 200 --checkpoint-every 200 "${extra[@]}")
   fi
   echo "$(date -Is) $stage: training (${start[0]})"
   # A crashed process (exit 1 or a signal) resumes from the last checkpoint, a few times;
