@@ -46,11 +46,16 @@ def summarise(run: Path) -> dict | None:
     config, state = record.get("config", {}), record.get("state", {})
     hours = state.get("elapsed", 0.0) / 3600
     nproc = config.get("nproc") or 1
-    vals = [r for r in _read_jsonl(run / "metrics.jsonl") if r.get("split") == "val"]
+    metrics = _read_jsonl(run / "metrics.jsonl")
+    vals = [r for r in metrics if r.get("split") == "val"]
     best_val = max(vals, key=lambda r: r["accuracy"]) if vals else None
+    # A run started with --init-from continues weights trained elsewhere for this many
+    # iterations; the table shows both parts.
+    warm = next((r for r in metrics if r.get("event") == "warm_start"), None)
     return {
         "run": run.name,
         "iteration": record["iteration"],
+        "warm_from": warm["from_iteration"] if warm else 0,
         "target": config.get("iterations"),
         "hours": hours,
         "cpu_hours": hours * nproc,
@@ -73,8 +78,11 @@ def markdown(rows: list[dict]) -> str:
             f"{100 * e['mean']:.2f} ± {100 * e['ci95']:.2f}% (iteration {e['iteration']:,})"
             for e in r["evals"]
         )
+        done = f"{r['iteration']:,}"
+        if r.get("warm_from"):
+            done = f"{r['warm_from']:,} + {done} (warm start)"
         lines.append(
-            f"| {r['run']} | {r['iteration']:,} | {r['hours']:.1f} | "
+            f"| {r['run']} | {done} | {r['hours']:.1f} | "
             f"{r['cpu_hours']:.1f} ({r['nproc']} proc) | {val_text} | {tests or '—'} |"
         )
     return "\n".join(lines)

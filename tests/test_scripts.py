@@ -1,0 +1,81 @@
+"""The team scripts under scripts/ that summarise and drive the long runs."""
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _runs_report():
+    spec = importlib.util.spec_from_file_location("runs_report", ROOT / "scripts/runs_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(folder: Path, iteration: int, metrics: list[dict], nproc: int = 2) -> None:
+    (folder / "checkpoints").mkdir(parents=True)
+    record = {"iteration": iteration, "config": {"nproc": nproc}, "state": {"elapsed": 7200.0}}
+    (folder / "checkpoints" / "last.json").write_text(json.dumps(record))
+    lines = [json.dumps(m) for m in metrics] + ['{"cut by a kill']  # a torn last line
+    (folder / "metrics.jsonl").write_text("\n".join(lines))
+
+
+def test_runs_report_adds_the_iterations_of_warm_started_weights(tmp_path):
+    report = _runs_report()
+    _fake_run(
+        tmp_path / "maml-5w5s",
+        3000,
+        [
+            {"iteration": 0, "event": "warm_start", "from_iteration": 6000},
+            {"iteration": 1000, "split": "val", "accuracy": 0.991},
+            {"iteration": 2000, "split": "val", "accuracy": 0.993},
+            {"iteration": 3000, "split": "val", "accuracy": 0.992},
+        ],
+    )
+    _fake_run(tmp_path / "anil", 500, [{"iteration": 500, "split": "val", "accuracy": 0.4}], 1)
+    rows = [report.summarise(tmp_path / "anil"), report.summarise(tmp_path / "maml-5w5s")]
+    table = report.markdown(rows).splitlines()
+    assert table[2] == "| anil | 500 | 2.0 | 2.0 (1 proc) | 40.0% at 500 | — |"
+    assert table[3] == (
+        "| maml-5w5s | 6,000 + 3,000 (warm start) | 2.0 | 4.0 (2 proc) | 99.3% at 2,000 | — |"
+    )
+    assert report.summarise(tmp_path / "empty") is None
+
+
+def test_run_queue_passes_new_run_args_to_new_runs_only(tmp_path):
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake_paddlefsl.sh"
+    # Records its arguments; "train" writes the stage's evaluation-ready checkpoint marker.
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'echo "$@" >> {calls}\n'
+        'out=""; prev=""\n'
+        'for a in "$@"; do [ "$prev" = --output ] && out=$a; prev=$a; done\n'
+        'if [ "$1" = train ]; then\n'
+        '  mkdir -p "$out/checkpoints"; touch "$out/checkpoints/last.json"\n'
+        "fi\n"
+        'if [ "$1" = eval ]; then echo "{}" > "$out/eval_test.json"; fi\n'
+    )
+    fake.chmod(0o755)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PADDLEFSL": str(fake),
+        "NPROC": "1",
+        "PLAN": "maml-omniglot-5w5s@10 maml-omniglot-5w5s@20",
+        "NEW_RUN_ARGS": "--init-from zoo/x --seed 1",
+    }
+    runs = tmp_path / "runs"
+    subprocess.run(
+        ["bash", str(ROOT / "scripts/run_queue.sh"), str(runs), "omni", "mini"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    train = [line for line in calls.read_text().splitlines() if line.startswith("train")]
+    assert len(train) == 2
+    assert "--preset maml-omniglot-5w5s" in train[0] and "--init-from zoo/x --seed 1" in train[0]
+    assert "--resume" in train[1] and "--init-from" not in train[1]
+    assert (runs / "maml-omniglot-5w5s/evals/20/eval_test.json").is_file()
