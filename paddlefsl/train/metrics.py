@@ -101,30 +101,36 @@ def plot_learning_curve(metrics_path: str | os.PathLike, out_path: str | os.Path
     except ImportError:
         return "matplotlib is not installed: learning curve skipped (pip install matplotlib)"
     metric = next((k for k in ("accuracy", "mse") if any(k in r for r in rows)), None)
+    # A warm-started run (--init-from) continues weights trained for `offset` iterations
+    # elsewhere: its curve is drawn where those iterations end.
+    warm = next((r for r in rows if r.get("event") == "warm_start"), None)
+    offset = int(warm.get("from_iteration", 0)) if warm else 0
+    xlabel = f"iteration (warm start at {offset:,})" if warm else "iteration"
     panels = 2 if metric else 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     ax = axes[0][0]
-    ax.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train")
+    ax.plot([offset + r["iteration"] for r in train], [r["loss"] for r in train], label="train")
     if val:
-        ax.plot([r["iteration"] for r in val], [r["loss"] for r in val], "o-", label="val")
-    ax.set(xlabel="iteration", ylabel="query loss", title="meta-loss")
+        val_x = [offset + r["iteration"] for r in val]
+        ax.plot(val_x, [r["loss"] for r in val], "o-", label="val")
+    ax.set(xlabel=xlabel, ylabel="query loss", title="meta-loss")
     ax.legend()
     if metric:
         ax = axes[0][1]
         ax.plot(
-            [r["iteration"] for r in train if metric in r],
+            [offset + r["iteration"] for r in train if metric in r],
             [r[metric] for r in train if metric in r],
             label="train",
         )
         if val:
             ax.errorbar(
-                [r["iteration"] for r in val],
+                val_x,
                 [r[metric] for r in val],
                 yerr=[r.get("ci95", 0.0) for r in val],
                 fmt="o-",
                 label="val",
             )
-        ax.set(xlabel="iteration", ylabel=metric, title=metric)
+        ax.set(xlabel=xlabel, ylabel=metric, title=metric)
         ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)

@@ -44,3 +44,22 @@ def test_plot_with_matplotlib(tmp_path):
     _log(tmp_path)
     note = plot_learning_curve(tmp_path, tmp_path / "curve.png")
     assert "written" in note and (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_plot_of_a_warm_started_run_continues_the_iterations(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    log = MetricsLog(tmp_path)
+    log.write({"iteration": 0, "event": "warm_start", "from_iteration": 6000})
+    log.write({"iteration": 10, "split": "train", "loss": 0.1, "accuracy": 0.9})
+    log.write({"iteration": 20, "split": "train", "loss": 0.1, "accuracy": 0.9})
+    log.write({"iteration": 20, "split": "val", "loss": 0.2, "accuracy": 0.8, "ci95": 0.01})
+    figures = []
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig)
+    )
+    plot_learning_curve(tmp_path, tmp_path / "curve.png")
+    loss_axes, metric_axes = figures[0].axes
+    assert [list(line.get_xdata()) for line in loss_axes.lines] == [[6010, 6020], [6020]]
+    assert "warm start at 6,000" in metric_axes.get_xlabel()
