@@ -15,7 +15,38 @@
 # NPROC sets processes per run (default: one per core). PADDLEFSL sets the command (default
 # "paddlefsl"); to keep a long queue on fixed code while the checkout changes, point it at a
 # snapshot: PYTHONPATH=/snapshot PADDLEFSL="python -m paddlefsl".
+# Stopping: SIGTERM or SIGINT to this script (its pid is the first line it logs) is passed
+# on to the running train or eval, which checkpoints and exits; the queue then stops too.
+# Killing the train process alone leaves the queue to notice its exit code and stop.
 set -u
+child=""
+stopping=""
+on_signal() {
+  stopping=$1
+  echo "$(date -Is) queue: SIG$1; stopping ${child:+the running command (pid $child) and }the queue"
+  # TERM either way: a background command of a script ignores SIGINT unless it sets a handler.
+  [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
+}
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+# Runs a command in the background so that a signal reaches this shell at once; `wait`
+# returns early when one arrives, so it is repeated until the command has really exited.
+run() {
+  "$@" &
+  child=$!
+  local status
+  while :; do
+    wait "$child"
+    status=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
+  child=""
+  return "$status"
+}
+# Exits with 128 + the signal number once a stop was asked for (between commands).
+stop_if_asked() {
+  [ -z "$stopping" ] || { echo "$(date -Is) queue: stopped"; exit $((128 + $(kill -l "$stopping"))); }
+}
 RUNS=${1:-$HOME/runs}
 OMNIGLOT=${2:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/omniglot}
 MINI=${3:-$HOME/data/miniimagenet}
@@ -26,6 +57,7 @@ PLAN=${PLAN:-"anil-omniglot-5w1s@20000 anil-omniglot-5w5s@10000 maml-omniglot-5w
   anil-omniglot-5w5s@60000 anil-miniimagenet-5w1s@60000 maml-miniimagenet-5w1s@60000
   anil-miniimagenet-5w5s@60000 maml-miniimagenet-5w5s@60000"}
 mkdir -p "$RUNS"
+echo "$(date -Is) queue: pid $$ (stop with: kill $$); plan: $(echo $PLAN)"
 for stage in $PLAN; do
   preset=${stage%@*}
   iterations=${stage#*@}
@@ -44,9 +76,11 @@ for stage in $PLAN; do
   # usage errors (2), a non-finite loss and interruptions (128+) stop the queue.
   tries=0
   while :; do
-    "${PADDLEFSL[@]}" train "${start[@]}" --iterations "$iterations" --output "$out" \
+    stop_if_asked
+    run "${PADDLEFSL[@]}" train "${start[@]}" --iterations "$iterations" --output "$out" \
       --data-root "$root" --nproc "$NPROC" --no-progress
     rc=$?
+    [ -n "$stopping" ] && [ $rc -lt 128 ] && rc=$((128 + $(kill -l "$stopping")))
     if [ $rc -eq 0 ] || [ $rc -eq 2 ] || [ $rc -ge 128 ] || [ $tries -ge "${RETRIES:-3}" ] \
         || grep -q '"event": "non_finite"' "$out/metrics.jsonl" 2>/dev/null; then
       break
@@ -57,8 +91,10 @@ for stage in $PLAN; do
   done
   [ $rc -eq 0 ] || { echo "$(date -Is) $stage: train exited with $rc"; exit $rc; }
   mkdir -p "$evals"
-  "${PADDLEFSL[@]}" eval --checkpoint "$out" --data-root "$root" --output "$evals" --no-progress
+  stop_if_asked
+  run "${PADDLEFSL[@]}" eval --checkpoint "$out" --data-root "$root" --output "$evals" --no-progress
   rc=$?
+  stop_if_asked
   [ $rc -eq 0 ] || { echo "$(date -Is) $stage: eval exited with $rc"; exit $rc; }
   echo "$(date -Is) $stage: evaluated -> $evals/eval_test.json"
 done

@@ -2,7 +2,9 @@
 
 import importlib.util
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +81,49 @@ def test_run_queue_passes_new_run_args_to_new_runs_only(tmp_path):
     assert "--preset maml-omniglot-5w5s" in train[0] and "--init-from zoo/x --seed 1" in train[0]
     assert "--resume" in train[1] and "--init-from" not in train[1]
     assert (runs / "maml-omniglot-5w5s/evals/20/eval_test.json").is_file()
+
+
+def test_run_queue_passes_a_stop_signal_on_and_stops(tmp_path):
+    calls = tmp_path / "calls.txt"
+    started = tmp_path / "started"
+    fake = tmp_path / "fake_paddlefsl.sh"
+    # A train that runs until SIGTERM, then "checkpoints" and exits as paddlefsl does.
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'echo "$@" >> {calls}\n'
+        f"trap 'echo TERM >> {calls}; exit 143' TERM\n"
+        f"touch {started}\n"
+        "while :; do sleep 0.05; done\n"
+    )
+    fake.chmod(0o755)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PADDLEFSL": str(fake),
+        "NPROC": "1",
+        "PLAN": "maml-omniglot-5w5s@10 anil-omniglot-5w1s@10",
+    }
+    log = tmp_path / "queue.log"
+    with open(log, "w") as out:
+        queue = subprocess.Popen(
+            ["bash", str(ROOT / "scripts/run_queue.sh"), str(tmp_path / "runs"), "omni", "mini"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not started.exists():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            queue.send_signal(signal.SIGTERM)
+            code = queue.wait(timeout=20)
+        finally:
+            queue.kill()
+    text = log.read_text()
+    assert code == 143, text
+    assert f"queue: pid {queue.pid}" in text.splitlines()[0]
+    lines = calls.read_text().splitlines()
+    assert lines[-1] == "TERM", lines  # the running train got the signal ...
+    assert [line for line in lines if line.startswith(("train", "eval"))] == lines[
+        :1
+    ]  # ... and nothing ran after it
