@@ -97,8 +97,9 @@ def is_installed() -> bool:
 def install() -> None:
     """Make the ops in :func:`patched_ops` exact under ``paddle.grad(..., create_graph=True)``.
 
-    Idempotent and thread-safe. Called by every second-order learner on construction.
-    First-order numerics are unchanged: the native forward and backward kernels still run.
+    Idempotent and thread-safe. Called by every learner on construction. First-order
+    numerics are unchanged: forward and first-order backward passes compute what Paddle's
+    kernels compute (on paddlefsl's oneDNN / CPU kernels where those apply).
 
     Example:
         >>> from paddlefsl import ops
