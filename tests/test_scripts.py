@@ -1,7 +1,9 @@
 """The team scripts under scripts/ that summarise and drive the long runs."""
 
+import contextlib
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import time
@@ -109,6 +111,7 @@ def test_run_queue_passes_a_stop_signal_on_and_stops(tmp_path):
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the cleanup reaches the fake too
         )
         try:
             deadline = time.monotonic() + 20
@@ -118,12 +121,12 @@ def test_run_queue_passes_a_stop_signal_on_and_stops(tmp_path):
             queue.send_signal(signal.SIGTERM)
             code = queue.wait(timeout=20)
         finally:
-            queue.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(queue.pid, signal.SIGKILL)
     text = log.read_text()
     assert code == 143, text
     assert f"queue: pid {queue.pid}" in text.splitlines()[0]
     lines = calls.read_text().splitlines()
     assert lines[-1] == "TERM", lines  # the running train got the signal ...
-    assert [line for line in lines if line.startswith(("train", "eval"))] == lines[
-        :1
-    ]  # ... and nothing ran after it
+    commands = [line for line in lines if line.startswith(("train", "eval"))]
+    assert commands == lines[:1]  # ... and nothing ran after it
