@@ -92,7 +92,7 @@ class TrainConfig:
     Example:
         >>> cfg, _ = build_config(preset="maml-omniglot-5w1s", output="runs/x")
         >>> cfg.inner_lr, cfg.meta_batch_size, cfg.pooling
-        (0.4, 32, 'stride')
+        (2.0, 32, 'stride')
 
     """
 
@@ -104,7 +104,7 @@ class TrainConfig:
     meta_batch_size: int = 32
     inner_steps: int = 1
     inner_steps_test: int = 3
-    inner_lr: float = 0.4
+    inner_lr: float = 2.0
     meta_lr: float = 1e-3
     iterations: int = 60000
     seed: int = 0

@@ -19,6 +19,14 @@ Sources (every number below was checked against them):
   15 during training (``update_batch_size+15``); sinusoid ``--metatrain_iterations=70000``,
   ``meta_batch_size=25``, 10 test-time steps.
   ``data_generator.py``: Omniglot 28x28, 1,100 / 100 / 423 characters, rotations.
+* [MAML-loss] cbfinn/maml ``utils.py`` ``xent`` (a7f45f1, unchanged since the first
+  commit): the loss of each example is its softmax cross-entropy divided by K
+  (``update_batch_size``), and ``maml.py`` takes ``tf.gradients`` of that per-example
+  vector, i.e. of its *sum* over the N*K support examples. The inner step therefore
+  moves the weights by alpha * N times the gradient of the *mean* cross-entropy.
+  paddlefsl's losses are means, so the presets' ``inner_lr`` is alpha * N: 0.4 * 5 = 2.0
+  for Omniglot 5-way, 0.01 * 5 = 0.05 for MiniImagenet 5-way (the outer loss differs
+  from the mean by a constant factor too, which Adam's step does not see).
 * [ANIL] Raghu, Raghu, Bengio, Vinyals, "Rapid Learning or Feature Reuse? Towards
   Understanding the Effectiveness of MAML", ICLR 2020, arXiv:1909.09157. ANIL keeps
   MAML's architecture and training setup and adapts only the head. Table 2 (as quoted in
@@ -32,7 +40,8 @@ Sources (every number below was checked against them):
   ``anil_fc100.py`` (61f858a) are *not* paper settings (meta-batch 32, meta-lr 0.003,
   inner lr 0.5, 1 step; ANIL on FC100 with inner lr 0.1): not used for presets.
 
-Where the paper and the reference code disagree, the presets follow the paper and say so:
+Where the paper and the reference code disagree, the presets follow the paper and say so
+(the learning rates above agree with both: the paper gives alpha, the code its loss):
 5-shot MiniImagenet meta-batch is 2 [MAML-A1] (the code's usage line says 4), and the
 Omniglot test-time steps are 3 [MAML-A1] (the code computes 10 and reports every step).
 """
@@ -64,7 +73,8 @@ class Preset:
 
 
 #: Defaults per dataset when no preset is given: MAML's 5-way 1-shot setting for the
-#: image datasets [MAML-A1, MAML-code], MAML's sinusoid setting otherwise (2x40 ReLU MLP,
+#: image datasets [MAML-A1, MAML-code], with the inner learning rate of a mean loss
+#: [MAML-loss], MAML's sinusoid setting otherwise (2x40 ReLU MLP,
 #: K = 10, one step of 0.01, Adam 1e-3, meta-batch 25 [MAML Sec. 5.1, App. A.1;
 #: MAML-code]).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -74,7 +84,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "meta_batch_size": 32,
         "inner_steps": 1,
         "inner_steps_test": 3,
-        "inner_lr": 0.4,
+        "inner_lr": 2.0,  # alpha = 0.4 on the reference code's summed loss [MAML-loss]
         "meta_lr": 1e-3,
         "iterations": 60000,
         "hidden": 64,
@@ -89,7 +99,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "meta_batch_size": 4,
         "inner_steps": 5,
         "inner_steps_test": 10,
-        "inner_lr": 0.01,
+        "inner_lr": 0.05,  # alpha = 0.01 on the reference code's summed loss [MAML-loss]
         "meta_lr": 1e-3,
         "iterations": 60000,
         "hidden": 32,
@@ -116,8 +126,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 # dataset defaults above are the common base.
 _OMNIGLOT = {"dataset": "omniglot", **DATASET_DEFAULTS["omniglot"]}
 _MINI = {"dataset": "miniimagenet", **DATASET_DEFAULTS["miniimagenet"]}
-_MAML_SOURCES = ("MAML-A1", "MAML-T1", "MAML-code")
-_ANIL_SOURCES = ("ANIL", "MAML-A1", "MAML-code")
+_MAML_SOURCES = ("MAML-A1", "MAML-T1", "MAML-code", "MAML-loss")
+_ANIL_SOURCES = ("ANIL", "MAML-A1", "MAML-code", "MAML-loss")
 _BATCH_NOTE = "meta-batch 2 per MAML App. A.1; cbfinn/maml's usage line uses 4"
 
 PRESETS: dict[str, Preset] = {
@@ -172,7 +182,7 @@ def get_preset(name: str) -> Preset:
 
     Example:
         >>> get_preset("maml-omniglot-5w1s").values["inner_lr"]
-        0.4
+        2.0
 
     """
     try:

@@ -6,14 +6,14 @@ from paddlefsl.train.config import RUNTIME_FIELDS, TrainConfig, config_diff
 # name: (algorithm, dataset, shots, queries, meta_batch, steps, test steps, inner lr,
 #        hidden, pooling, image size)
 EXPECTED = {
-    "maml-omniglot-5w1s": ("maml", "omniglot", 1, 1, 32, 1, 3, 0.4, 64, "stride", 28),
-    "maml-omniglot-5w5s": ("maml", "omniglot", 5, 5, 32, 1, 3, 0.4, 64, "stride", 28),
-    "maml-miniimagenet-5w1s": ("maml", "miniimagenet", 1, 15, 4, 5, 10, 0.01, 32, "max", 84),
-    "maml-miniimagenet-5w5s": ("maml", "miniimagenet", 5, 15, 2, 5, 10, 0.01, 32, "max", 84),
-    "anil-omniglot-5w1s": ("anil", "omniglot", 1, 1, 32, 1, 3, 0.4, 64, "stride", 28),
-    "anil-omniglot-5w5s": ("anil", "omniglot", 5, 5, 32, 1, 3, 0.4, 64, "stride", 28),
-    "anil-miniimagenet-5w1s": ("anil", "miniimagenet", 1, 15, 4, 5, 10, 0.01, 32, "max", 84),
-    "anil-miniimagenet-5w5s": ("anil", "miniimagenet", 5, 15, 2, 5, 10, 0.01, 32, "max", 84),
+    "maml-omniglot-5w1s": ("maml", "omniglot", 1, 1, 32, 1, 3, 2.0, 64, "stride", 28),
+    "maml-omniglot-5w5s": ("maml", "omniglot", 5, 5, 32, 1, 3, 2.0, 64, "stride", 28),
+    "maml-miniimagenet-5w1s": ("maml", "miniimagenet", 1, 15, 4, 5, 10, 0.05, 32, "max", 84),
+    "maml-miniimagenet-5w5s": ("maml", "miniimagenet", 5, 15, 2, 5, 10, 0.05, 32, "max", 84),
+    "anil-omniglot-5w1s": ("anil", "omniglot", 1, 1, 32, 1, 3, 2.0, 64, "stride", 28),
+    "anil-omniglot-5w5s": ("anil", "omniglot", 5, 5, 32, 1, 3, 2.0, 64, "stride", 28),
+    "anil-miniimagenet-5w1s": ("anil", "miniimagenet", 1, 15, 4, 5, 10, 0.05, 32, "max", 84),
+    "anil-miniimagenet-5w5s": ("anil", "miniimagenet", 5, 15, 2, 5, 10, 0.05, 32, "max", 84),
 }
 
 
@@ -90,6 +90,6 @@ def test_unknown_preset_lists_the_known_ones():
 def test_config_diff_ignores_runtime_fields():
     a = TrainConfig().to_dict()
     b = dict(a, iterations=5, num_workers=3, inner_lr=0.1)
-    assert config_diff(a, b) == {"inner_lr": (0.4, 0.1)}
+    assert config_diff(a, b) == {"inner_lr": (2.0, 0.1)}
     assert config_diff(a, b, only={"iterations"}) == {}
     assert "iterations" in RUNTIME_FIELDS and "seed" not in RUNTIME_FIELDS
