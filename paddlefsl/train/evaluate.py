@@ -64,6 +64,29 @@ class EvalResult:
     inner_steps: int
     values: list[float] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def from_values(
+        cls, metric: str, values: list[float], losses: list[float], inner_steps: int
+    ) -> EvalResult:
+        """Summarise per-task metrics and query losses (e.g. gathered from processes).
+
+        Example:
+            >>> EvalResult.from_values("accuracy", [1.0, 0.5], [0.1, 0.3], 3).mean
+            0.75
+
+        """
+        mean, std, ci95 = confidence_interval(values)
+        return cls(
+            metric,
+            mean,
+            ci95,
+            std,
+            len(values),
+            float(np.mean(losses)),
+            int(inner_steps),
+            list(values),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-ready dict."""
         return asdict(self)
@@ -148,14 +171,4 @@ def evaluate(
             learner.eval()
     if objective is None:
         raise ValueError("no tasks to evaluate")
-    mean, std, ci95 = confidence_interval(values)
-    return EvalResult(
-        objective.metric_name,
-        mean,
-        ci95,
-        std,
-        len(values),
-        float(np.mean(losses)),
-        int(inner_steps),
-        values,
-    )
+    return EvalResult.from_values(objective.metric_name, values, losses, inner_steps)

@@ -116,7 +116,8 @@ class MetaTrainer:
         progress: Show a tqdm progress bar.
         handle_signals: Catch SIGINT / SIGTERM (main thread only).
         group: Processes sharing each meta-batch (default: the ``paddle.distributed``
-            group if one is initialised). Rank 0 alone writes files, logs and validates.
+            group if one is initialised). Rank 0 alone writes files and logs; validation
+            tasks are shared out among the processes.
 
     Example:
         >>> import numpy as np, paddle
@@ -352,12 +353,21 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> EvalResult | None:
-        """Evaluate on ``val_tasks`` with ``inner_steps_test`` steps (random states untouched)."""
-        if not self.val_tasks or not self.group.is_main:
+        """Evaluate on ``val_tasks`` with ``inner_steps_test`` steps (random states untouched).
+
+        With several processes each evaluates its share of the tasks (task ``i`` on rank
+        ``i % world``) and they exchange the per-task results, so every process returns the
+        same result and none waits alone: a process idle in a gloo collective for more
+        than its 30-second timeout would fail the run.
+        """
+        if not self.val_tasks:
             return None
         task_type = self.objective.task_type if self.objective else None
         with forked_rng():
-            result = evaluate(self.learner, self.val_tasks, self.inner_steps_test, task_type)
+            if self.group.world == 1 or len(self.val_tasks) < self.group.world:
+                result = evaluate(self.learner, self.val_tasks, self.inner_steps_test, task_type)
+            else:
+                result = self._validate_shared(task_type)
         self.objective = get_objective(
             "classification" if result.metric == "accuracy" else "regression"
         )
@@ -375,6 +385,24 @@ class MetaTrainer:
                 }
             )
         return result
+
+    def _validate_shared(self, task_type: str | None) -> EvalResult:
+        """Validate on this process's share of the tasks, combined with the others' shares."""
+        count = len(self.val_tasks)
+        owned = [i for i in range(count) if self.group.owns(i)]
+        mine = evaluate(
+            self.learner,
+            (self.val_tasks[i] for i in owned),  # one task in memory at a time
+            self.inner_steps_test,
+            task_type,
+        )
+        values = [0.0] * count
+        for i, value in zip(owned, mine.values):
+            values[i] = value
+        gathered = self.group.sum([*values, mine.loss * len(owned)])
+        return EvalResult.from_values(
+            mine.metric, gathered[:count], [gathered[count] / count], self.inner_steps_test
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:

@@ -120,3 +120,28 @@ def test_a_killed_process_is_named_and_the_checkpoint_kept(tmp_path):
     assert proc.returncode == 1
     assert "SIGKILL" in stderr and "--resume" in stderr, stderr[-2000:]
     assert json.loads(last.read_text())["iteration"] >= 5
+
+
+def test_two_processes_share_validation(tmp_path):
+    """Validation split over two processes reports what one process reports."""
+    rows = {}
+    for nproc in (1, 2):
+        output = tmp_path / str(nproc)
+        extra = ("--algorithm", "maml", "--val-tasks", "5", "--eval-every", "2")
+        done = subprocess.run(
+            _sinusoid_command(output, nproc, 4, 4, *extra),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = (output / "metrics.jsonl").read_text().splitlines()
+        rows[nproc] = [r for r in map(json.loads, lines) if r.get("split") == "val"]
+    assert [r["iteration"] for r in rows[2]] == [2, 4] == [r["iteration"] for r in rows[1]]
+    for one, two in zip(rows[1], rows[2]):
+        assert two["tasks"] == one["tasks"] == 5
+        np.testing.assert_allclose(
+            [two["mse"], two["ci95"], two["loss"]],
+            [one["mse"], one["ci95"], one["loss"]],
+            rtol=1e-4,
+        )

@@ -19,6 +19,7 @@ from paddlefsl.train import (
     evaluate,
     read_metrics,
 )
+from paddlefsl.train.distributed import Group
 
 
 def test_short_run_learns_easy_classes(splits):
@@ -211,3 +212,51 @@ def test_regression_reports_mse(factory):
     result = trainer.fit(2)
     assert trainer.objective.metric_name == "mse"
     assert "mse" in result.train and result.val.metric == "mse"
+
+
+class _RecordingTasks(list):
+    """Validation tasks that remember which indices were read."""
+
+    def __init__(self, tasks):
+        super().__init__(tasks)
+        self.read = []
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class _TwoProcesses(Group):
+    """Rank 1 of 2, whose partner evaluated the even tasks and returned these results."""
+
+    def __init__(self, partner_values, partner_loss_sum):
+        super().__init__(rank=1, world=2)
+        self.partner = [*partner_values, partner_loss_sum]
+
+    def sum(self, values):
+        return [a + b for a, b in zip(values, self.partner)]
+
+
+def test_validation_is_shared_among_processes(factory):
+    """Each process adapts only its own validation tasks, then all see the whole result."""
+    alone = factory.classification(val_tasks=5)
+    full = alone.validate()
+    tasks = _RecordingTasks(alone.val_tasks)
+    even = [v if i % 2 == 0 else 0.0 for i, v in enumerate(full.values)]
+    # The partner's share of the summed query loss: the full sum minus rank 1's tasks.
+    steps = alone.inner_steps_test
+    odd_losses = [evaluate(alone.learner, [tasks[i]], steps).loss for i in (1, 3)]
+    partner_loss = full.loss * 5 - sum(odd_losses)
+    tasks.read.clear()
+    shared = factory.classification(val_tasks=5, group=_TwoProcesses(even, partner_loss))
+    shared.val_tasks = tasks
+    result = shared.validate()
+    assert tasks.read == [1, 3]  # rank 1 of 2 never touched the even tasks
+    np.testing.assert_allclose(result.values, full.values, rtol=1e-5, atol=1e-6)
+    assert (result.num_tasks, result.metric) == (5, "accuracy")
+    np.testing.assert_allclose(
+        [result.mean, result.ci95, result.loss], [full.mean, full.ci95, full.loss], rtol=1e-4
+    )
