@@ -500,16 +500,20 @@ class MetaTrainer:
                     if self.iteration % self.log_every == 0:
                         result.train = self._log_train(window)
                     tags = []
+                    due = (
+                        bool(self.checkpoint_every) and self.iteration % self.checkpoint_every == 0
+                    )
                     if self.eval_every and self.iteration % self.eval_every == 0:
+                        if due:  # first, so that a validation that fails loses nothing
+                            self.save(["last"])
                         val = self.validate()
                         tags += self._best_tags(val)
                     stop = self._stop_signal is not None
                     if self.group.world > 1:  # stop together, or the others would hang
                         stop = self.group.sum([float(stop)])[0] > 0
                         self._stop_signal = self._stop_signal or (signal.SIGTERM if stop else None)
-                    if stop or (
-                        self.checkpoint_every and self.iteration % self.checkpoint_every == 0
-                    ):
+                    # Saved again when best: the "last" record then holds the new best metric.
+                    if stop or (due and (self._last_saved != self.iteration or tags)):
                         tags.append("last")
                     if tags:
                         self.save(tags)

@@ -20,6 +20,7 @@ from paddlefsl.train import (
     read_metrics,
 )
 from paddlefsl.train.distributed import Group
+from paddlefsl.train.evaluate import EvalResult
 
 
 def test_short_run_learns_easy_classes(splits):
@@ -260,3 +261,31 @@ def test_validation_is_shared_among_processes(factory):
     np.testing.assert_allclose(
         [result.mean, result.ci95, result.loss], [full.mean, full.ci95, full.loss], rtol=1e-4
     )
+
+
+def test_failed_validation_keeps_the_iterations_checkpoint(factory, tmp_path):
+    trainer = factory.classification(output_dir=tmp_path, eval_every=2, checkpoint_every=2)
+
+    def broken():
+        raise RuntimeError("validation failed")
+
+    trainer.fit(2)
+    trainer.validate = broken
+    with pytest.raises(RuntimeError, match="validation failed"):
+        trainer.fit(4)
+    last = CheckpointManager(tmp_path).load("last")
+    assert last.iteration == 4  # written before the validation that failed
+    assert CheckpointManager(tmp_path).load("best").iteration == 2
+
+
+def test_last_record_carries_the_best_metric_of_its_iteration(factory, tmp_path):
+    trainer = factory.classification(output_dir=tmp_path, eval_every=2, checkpoint_every=2)
+
+    def improving():  # every validation a new best
+        return EvalResult.from_values("accuracy", [trainer.iteration / 10], [1.0], 1)
+
+    trainer.validate = improving
+    trainer.fit(4)
+    state = CheckpointManager(tmp_path).load("last").record["state"]
+    assert (state["best_metric"], state["best_iteration"]) == (0.4, 4)
+    assert CheckpointManager(tmp_path).load("best").iteration == 4
