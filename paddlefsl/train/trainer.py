@@ -546,9 +546,11 @@ class MetaTrainer:
                 result.train = self._log_train(window)
             tags = []
             if self.val_tasks and self._validated_at != self.iteration:
+                if self._last_saved != self.iteration:  # as in the loop: nothing lost
+                    self.save(["last"])
                 val = self.validate()
                 tags += self._best_tags(val)
-            if self._last_saved != self.iteration:
+            if tags or self._last_saved != self.iteration:
                 tags.append("last")
             if tags:
                 self.save(tags)

@@ -276,6 +276,10 @@ def test_failed_validation_keeps_the_iterations_checkpoint(factory, tmp_path):
     last = CheckpointManager(tmp_path).load("last")
     assert last.iteration == 4  # written before the validation that failed
     assert CheckpointManager(tmp_path).load("best").iteration == 2
+    # The same for the validation that ends a run between checkpoints.
+    with pytest.raises(RuntimeError, match="validation failed"):
+        trainer.fit(5)
+    assert CheckpointManager(tmp_path).load("last").iteration == 5
 
 
 def test_last_record_carries_the_best_metric_of_its_iteration(factory, tmp_path):
