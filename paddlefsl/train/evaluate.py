@@ -66,25 +66,18 @@ class EvalResult:
 
     @classmethod
     def from_values(
-        cls, metric: str, values: list[float], losses: list[float], inner_steps: int
+        cls, metric: str, values: list[float], loss: float, inner_steps: int
     ) -> EvalResult:
-        """Summarise per-task metrics and query losses (e.g. gathered from processes).
+        """Summarise per-task metrics (e.g. gathered from processes) and the mean query loss.
 
         Example:
-            >>> EvalResult.from_values("accuracy", [1.0, 0.5], [0.1, 0.3], 3).mean
+            >>> EvalResult.from_values("accuracy", [1.0, 0.5], 0.2, 3).mean
             0.75
 
         """
         mean, std, ci95 = confidence_interval(values)
         return cls(
-            metric,
-            mean,
-            ci95,
-            std,
-            len(values),
-            float(np.mean(losses)),
-            int(inner_steps),
-            list(values),
+            metric, mean, ci95, std, len(values), float(loss), int(inner_steps), list(values)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,4 +164,4 @@ def evaluate(
             learner.eval()
     if objective is None:
         raise ValueError("no tasks to evaluate")
-    return EvalResult.from_values(objective.metric_name, values, losses, inner_steps)
+    return EvalResult.from_values(objective.metric_name, values, np.mean(losses), inner_steps)

@@ -401,8 +401,19 @@ class MetaTrainer:
             values[i] = value
         gathered = self.group.sum([*values, mine.loss * len(owned)])
         return EvalResult.from_values(
-            mine.metric, gathered[:count], [gathered[count] / count], self.inner_steps_test
+            mine.metric, gathered[:count], gathered[count] / count, self.inner_steps_test
         )
+
+    def _validate_checkpointed(self, checkpoint_first: bool) -> tuple[EvalResult | None, list[str]]:
+        """Validate, and the checkpoint tags it earns (``["best"]`` or none).
+
+        With ``checkpoint_first`` the iteration's ``last`` checkpoint is written before
+        validating, so that a validation that fails loses nothing.
+        """
+        if checkpoint_first and self._last_saved != self.iteration:
+            self.save(["last"])
+        val = self.validate()
+        return val, self._best_tags(val)
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
@@ -504,10 +515,7 @@ class MetaTrainer:
                         bool(self.checkpoint_every) and self.iteration % self.checkpoint_every == 0
                     )
                     if self.eval_every and self.iteration % self.eval_every == 0:
-                        if due:  # first, so that a validation that fails loses nothing
-                            self.save(["last"])
-                        val = self.validate()
-                        tags += self._best_tags(val)
+                        val, tags = self._validate_checkpointed(checkpoint_first=due)
                     stop = self._stop_signal is not None
                     if self.group.world > 1:  # stop together, or the others would hang
                         stop = self.group.sum([float(stop)])[0] > 0
@@ -546,10 +554,7 @@ class MetaTrainer:
                 result.train = self._log_train(window)
             tags = []
             if self.val_tasks and self._validated_at != self.iteration:
-                if self._last_saved != self.iteration:  # as in the loop: nothing lost
-                    self.save(["last"])
-                val = self.validate()
-                tags += self._best_tags(val)
+                val, tags = self._validate_checkpointed(checkpoint_first=True)
             if tags or self._last_saved != self.iteration:
                 tags.append("last")
             if tags:

@@ -286,7 +286,7 @@ def test_last_record_carries_the_best_metric_of_its_iteration(factory, tmp_path)
     trainer = factory.classification(output_dir=tmp_path, eval_every=2, checkpoint_every=2)
 
     def improving():  # every validation a new best
-        return EvalResult.from_values("accuracy", [trainer.iteration / 10], [1.0], 1)
+        return EvalResult.from_values("accuracy", [trainer.iteration / 10], 1.0, 1)
 
     trainer.validate = improving
     trainer.fit(4)
