@@ -43,7 +43,7 @@ def _fail(prog: str, message: Any, code: int = 2) -> NoReturn:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .train.config import ALGORITHMS, DATASETS
+    from .train.config import ALGORITHMS, DATASETS, NETWORKS
     from .train.presets import PRESETS
 
     s = argparse.SUPPRESS  # unset options stay absent, so the preset can fill them
@@ -113,6 +113,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="Conv4 max-pooling or strided convolutions",
     )
     group.add_argument("--image-size", type=int, default=s, help="image side in pixels")
+    group.add_argument(
+        "--network",
+        choices=NETWORKS,
+        default=s,
+        help="Conv4 details: default (Paddle's) or reference (cbfinn/maml's BatchNorm "
+        "without scale, offsets not adapted in the inner loop, its initialisation); "
+        f"see {DOCS}#networks",
+    )
     group.add_argument(
         "--omniglot-scheme",
         choices=("maml", "vinyals"),

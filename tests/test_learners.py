@@ -147,6 +147,44 @@ def test_frozen_parameters_are_not_adapted_and_get_no_gradient():
     assert model[2].weight.grad is not None
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_inner_frozen_parameters_keep_their_value_and_get_meta_gradient(first_order):
+    model = Conv4(1, 3, hidden=4, pooling="stride", image_size=16, norm_scale=False)
+    offsets = model.batch_norm_offsets()
+    assert offsets == [f"features.{i}.1.bias" for i in range(4)]
+    for name, p in model.named_parameters():  # non-zero offsets, so a step would show
+        if name in offsets:
+            p.set_value(paddle.randn(p.shape))
+    before = {n: p.numpy().copy() for n, p in model.named_parameters()}
+    maml = MAML(model, lr=0.5, first_order=first_order, inner_frozen=offsets)
+    learner = maml.clone()
+    x, y = paddle.randn([6, 1, 16, 16]), paddle.to_tensor(np.arange(6) % 3)
+    learner.adapt(nn.functional.cross_entropy(learner(x), y))
+    learner.adapt(nn.functional.cross_entropy(learner(x), y))
+    fast = learner.fast_weights()
+    params = dict(model.named_parameters())
+    for name in offsets:
+        assert np.array_equal(fast[name].numpy(), params[name].numpy())
+    assert not np.array_equal(fast["features.0.0.weight"].numpy(), before["features.0.0.weight"])
+    nn.functional.cross_entropy(learner(x), y).backward()
+    for name, p in model.named_parameters():
+        assert np.array_equal(p.numpy(), before[name])  # the model itself is untouched
+        if name in offsets:  # the outer loop trains the offsets
+            assert p.grad is not None and float(p.grad.abs().sum()) > 0
+    assert "inner_frozen" in repr(maml)
+
+
+def test_inner_frozen_names_are_checked():
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"'2\.bogus'.*named_parameters"):
+        MAML(model, lr=0.1, inner_frozen=["2.bogus"])
+    with pytest.raises(TypeError, match=r"inner_frozen=\['0.bias'\]"):
+        MAML(model, lr=0.1, inner_frozen="0.bias")
+    model[0].bias.stop_gradient = True
+    with pytest.raises(ValueError, match="not trainable"):
+        MAML(model, lr=0.1, inner_frozen=["0.bias"])
+
+
 class TwoHeads(nn.Layer):
     def __init__(self):
         super().__init__()

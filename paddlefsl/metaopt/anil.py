@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import paddle
@@ -49,9 +50,15 @@ class ANIL(MAML):
         first_order: bool = False,
         allow_unused: bool = True,
         running_stats: RunningStats = "isolated",
+        inner_frozen: Iterable[str] = (),
     ):
         super().__init__(
-            _FeaturesThenHead(features, head), lr, first_order, allow_unused, running_stats
+            _FeaturesThenHead(features, head),
+            lr,
+            first_order,
+            allow_unused,
+            running_stats,
+            inner_frozen,
         )
 
     @property

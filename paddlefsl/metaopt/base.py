@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -38,6 +38,11 @@ class BaseLearner(paddle.nn.Layer):
         allow_unused: leave parameters that do not influence the loss unchanged (``True``)
             or raise (``False``).
         running_stats: ``"isolated"`` or ``"shared"``, see above.
+        inner_frozen: structured names of parameters the inner loop keeps fixed while the
+            outer loop still trains them (e.g. MAML's reference code adapts no BatchNorm
+            offsets). Their gradients are still computed, so meta-gradients through them
+            stay exact; ``adapt`` just does not step them (their fast weights keep the
+            model's values).
 
     """
 
@@ -47,6 +52,7 @@ class BaseLearner(paddle.nn.Layer):
         first_order: bool = False,
         allow_unused: bool = True,
         running_stats: RunningStats = "isolated",
+        inner_frozen: Iterable[str] = (),
     ):
         super().__init__()
         if not isinstance(module, paddle.nn.Layer):
@@ -59,6 +65,7 @@ class BaseLearner(paddle.nn.Layer):
         self.first_order = bool(first_order)
         self.allow_unused = bool(allow_unused)
         self.running_stats = running_stats
+        self.inner_frozen = _checked_frozen(module, inner_frozen)
         # Set on clones only: structured name -> current fast weight / statistic.
         self._fast: dict[str, paddle.Tensor] | None = None
         self._stats: dict[str, paddle.Tensor] | None = None
@@ -186,10 +193,21 @@ class BaseLearner(paddle.nn.Layer):
             )
         if first_order:  # paddle.grad without create_graph already returns detached tensors
             grads = {n: g if g is None or g.stop_gradient else g.detach() for n, g in grads.items()}
+        frozen = self.inner_frozen.intersection(grads)
+        for name in frozen:
+            grads[name] = None  # a None gradient leaves the weight as it is
         if scale is None:
-            self.__dict__["_fast"] = self.update(self._fast, grads)
+            fast = self.update(self._fast, grads)
         else:
-            self.__dict__["_fast"] = self._scaled_update(self._fast, grads)
+            fast = self._scaled_update(self._fast, grads)
+        if not first_order:
+            # A new node per step, as for the stepped weights: the next adapt() asks for
+            # the newest fast weights and stops there instead of walking back into this
+            # step's recorded backward (which would ask a paddlefsl op for some of its
+            # inputs' gradients but not others).
+            for name in frozen:
+                fast[name] = fast[name].clone()
+        self.__dict__["_fast"] = fast
 
     def _gradient_scale(self) -> float | None:
         """A factor for ``adapt``'s gradients that :meth:`_scaled_update` expects, or None.
@@ -247,7 +265,29 @@ class BaseLearner(paddle.nn.Layer):
 
     def extra_repr(self) -> str:
         kind = "clone" if self.is_clone else "meta-learner"
-        return f"{kind}, first_order={self.first_order}, running_stats={self.running_stats!r}"
+        frozen = f", inner_frozen={sorted(self.inner_frozen)}" if self.inner_frozen else ""
+        return (
+            f"{kind}, first_order={self.first_order}, running_stats={self.running_stats!r}" + frozen
+        )
+
+
+def _checked_frozen(module: paddle.nn.Layer, names: Iterable[str]) -> frozenset[str]:
+    """``names`` as a set, after checking that each is a trainable parameter of ``module``."""
+    if isinstance(names, str):
+        raise TypeError(
+            f"inner_frozen takes a list of parameter names, got the string {names!r}; "
+            f"write inner_frozen=[{names!r}]"
+        )
+    frozen = frozenset(names)
+    trainable = {n for n, p in module.named_parameters() if not p.stop_gradient}
+    unknown = sorted(frozen - trainable)
+    if unknown:
+        raise ValueError(
+            f"inner_frozen names {unknown[:5]} are not trainable parameters of the model; "
+            f"use structured names as in model.named_parameters(), e.g. "
+            f"{sorted(trainable)[:3]}"
+        )
+    return frozen
 
 
 def _requires_grad(value: Any) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import paddle
 
@@ -49,6 +49,8 @@ class MAML(BaseLearner):
             (``True``) or raise (``False``).
         running_stats: BatchNorm statistics policy, ``"isolated"`` or ``"shared"``
             (see :class:`BaseLearner`).
+        inner_frozen: names of parameters the inner loop does not step (the outer loop
+            still trains them; see :class:`BaseLearner`).
 
     Example:
         >>> import paddle
@@ -72,8 +74,9 @@ class MAML(BaseLearner):
         first_order: bool = False,
         allow_unused: bool = True,
         running_stats: RunningStats = "isolated",
+        inner_frozen: Iterable[str] = (),
     ):
-        super().__init__(model, first_order, allow_unused, running_stats)
+        super().__init__(model, first_order, allow_unused, running_stats, inner_frozen)
         self.lr = float(lr)
 
     def update(self, params, grads):

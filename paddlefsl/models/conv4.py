@@ -7,17 +7,38 @@ from typing import Literal
 import paddle
 from paddle import nn
 
+Init = Literal["paddle", "maml"]
 
-def _block(in_channels: int, out_channels: int, pooling: str) -> nn.Sequential:
+
+def _block(
+    in_channels: int,
+    out_channels: int,
+    pooling: str,
+    norm_scale: bool,
+    norm_epsilon: float,
+    init: Init,
+) -> nn.Sequential:
     stride = 2 if pooling == "stride" else 1
+    conv_weight = _xavier() if init == "maml" else None
+    # A scale fixed at 1 (not trainable) rather than none: the same normalisation as
+    # no scale, on Paddle's usual BatchNorm path.
+    scale = (
+        None
+        if norm_scale
+        else paddle.ParamAttr(initializer=nn.initializer.Constant(1.0), trainable=False)
+    )
     layers: list[nn.Layer] = [
-        nn.Conv2D(in_channels, out_channels, 3, stride=stride, padding=1),
-        nn.BatchNorm2D(out_channels),
+        nn.Conv2D(in_channels, out_channels, 3, stride=stride, padding=1, weight_attr=conv_weight),
+        nn.BatchNorm2D(out_channels, epsilon=norm_epsilon, weight_attr=scale),
         nn.ReLU(),
     ]
     if pooling == "max":
         layers.append(nn.MaxPool2D(2))
     return nn.Sequential(*layers)
+
+
+def _xavier() -> paddle.ParamAttr:
+    return paddle.ParamAttr(initializer=nn.initializer.XavierUniform())
 
 
 def conv4_feature_size(hidden: int, image_size: int, pooling: str) -> int:
@@ -44,6 +65,13 @@ class Conv4(nn.Layer):
         hidden: channels of every conv (64 for Omniglot, 32 for miniImageNet in MAML).
         pooling: ``"max"`` or ``"stride"``.
         image_size: input height = width (to size the head).
+        norm_scale: whether BatchNorm has a trainable scale (Paddle's default); ``False``
+            fixes it at 1, as TensorFlow's ``batch_norm`` default in cbfinn/maml.
+        norm_epsilon: BatchNorm's epsilon (Paddle's 1e-5; cbfinn/maml's TensorFlow 1e-3).
+        init: ``"paddle"`` (Paddle's defaults: Kaiming-normal convolutions,
+            Xavier-uniform head) or ``"maml"`` (cbfinn/maml ``construct_conv_weights``:
+            Xavier-uniform convolutions, and for ``pooling="stride"`` a standard-normal
+            head). Biases start at zero either way.
 
     Example:
         >>> import paddle
@@ -62,16 +90,54 @@ class Conv4(nn.Layer):
         hidden: int = 64,
         pooling: Literal["max", "stride"] = "max",
         image_size: int = 84,
+        norm_scale: bool = True,
+        norm_epsilon: float = 1e-5,
+        init: Init = "paddle",
     ):
         super().__init__()
         if pooling not in ("max", "stride"):
             raise ValueError(f"pooling must be 'max' or 'stride', got {pooling!r}")
-        blocks = [_block(in_channels if i == 0 else hidden, hidden, pooling) for i in range(4)]
+        if init not in ("paddle", "maml"):
+            raise ValueError(f"init must be 'paddle' or 'maml', got {init!r}")
+        blocks = [
+            _block(
+                in_channels if i == 0 else hidden,
+                hidden,
+                pooling,
+                norm_scale,
+                norm_epsilon,
+                init,
+            )
+            for i in range(4)
+        ]
         if pooling == "stride":
             blocks.append(nn.AdaptiveAvgPool2D(1))
         blocks.append(nn.Flatten())
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Linear(conv4_feature_size(hidden, image_size, pooling), num_classes)
+        head_weight = None
+        if init == "maml":  # the reference code's fc_initializer, or N(0, 1) without pooling
+            head_weight = (
+                paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 1.0))
+                if pooling == "stride"
+                else _xavier()
+            )
+        self.head = nn.Linear(
+            conv4_feature_size(hidden, image_size, pooling), num_classes, weight_attr=head_weight
+        )
+
+    def batch_norm_offsets(self) -> list[str]:
+        """Structured names of the BatchNorm offsets (biases), e.g. for ``inner_frozen``.
+
+        Example:
+            >>> Conv4(1, 5, hidden=4, pooling="stride", image_size=28).batch_norm_offsets()[0]
+            'features.0.1.bias'
+
+        """
+        return [
+            f"{name}.bias"
+            for name, layer in self.named_sublayers()
+            if isinstance(layer, nn.BatchNorm2D) and layer.bias is not None
+        ]
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.head(self.features(x))

@@ -56,21 +56,32 @@ def build_model(config: TrainConfig) -> paddle.nn.Layer:
     """
     if config.dataset == "sinusoid":
         return MLP(1, [config.hidden, config.hidden], 1)
+    reference = config.network == "reference"
+    # cbfinn/maml: tf.contrib.layers.batch_norm defaults (no scale, epsilon 1e-3) and
+    # construct_conv_weights' initialisers.
     return Conv4(
         _CHANNELS[config.dataset],
         config.ways,
         hidden=config.hidden,
         pooling=config.pooling,
         image_size=config.image_size,
+        norm_scale=not reference,
+        norm_epsilon=1e-3 if reference else 1e-5,
+        init="maml" if reference else "paddle",
     )
 
 
 def build_learner(config: TrainConfig, model: paddle.nn.Layer | None = None) -> BaseLearner:
-    """MAML / FOMAML / ANIL around ``model`` (built from the config when ``None``)."""
+    """MAML / FOMAML / ANIL around ``model`` (built from the config when ``None``).
+
+    With ``network="reference"``, MAML's inner loop leaves the BatchNorm offsets alone
+    (cbfinn/maml keeps them out of the adapted weights; the outer loop trains them).
+    """
     model = build_model(config) if model is None else model
     if config.algorithm == "anil":
         return ANIL(model.features, model.head, lr=config.inner_lr)
-    return MAML(model, lr=config.inner_lr, first_order=config.first_order)
+    frozen = model.batch_norm_offsets() if config.network == "reference" else []
+    return MAML(model, lr=config.inner_lr, first_order=config.first_order, inner_frozen=frozen)
 
 
 def build_optimizer(config: TrainConfig, learner: BaseLearner) -> paddle.optimizer.Optimizer:

@@ -17,6 +17,7 @@ __all__ = [
     "ALGORITHMS",
     "DATASETS",
     "MODEL_FIELDS",
+    "NETWORKS",
     "RUNTIME_FIELDS",
     "TrainConfig",
     "build_config",
@@ -29,7 +30,9 @@ ALGORITHMS = ("maml", "fomaml", "anil")
 DATASETS = ("omniglot", "miniimagenet", "sinusoid")
 
 #: Fields that shape the network: a warm start needs the same values.
-MODEL_FIELDS = ("dataset", "ways", "hidden", "pooling", "image_size")
+MODEL_FIELDS = ("dataset", "ways", "hidden", "pooling", "image_size", "network")
+#: Conv4 variants (``--network``): Paddle's defaults, or cbfinn/maml's details.
+NETWORKS = ("default", "reference")
 
 #: Fields that may change when a run is resumed: they never change the weights.
 RUNTIME_FIELDS = frozenset(
@@ -72,6 +75,11 @@ class TrainConfig:
         hidden: Conv4 channels, or the width of the two sinusoid MLP layers.
         pooling: Conv4 ``"max"`` (max-pool) or ``"stride"`` (strided convs).
         image_size: Image side in pixels.
+        network: ``"default"`` (Conv4 with Paddle's BatchNorm and initialisation, every
+            parameter adapted) or ``"reference"``, the details of cbfinn/maml: BatchNorm
+            without scale and with epsilon 1e-3, whose offsets only the outer loop
+            trains (the inner loop does not adapt them), Xavier-uniform convolutions
+            and, with strided convolutions, a standard-normal head.
         omniglot_scheme: Omniglot class split, ``"maml"`` or ``"vinyals"``.
         eval_every: Validate every N iterations (0: only at the end).
         checkpoint_every: Save the ``last`` checkpoint every N iterations (0: at the end).
@@ -111,6 +119,7 @@ class TrainConfig:
     hidden: int = 64
     pooling: str = "stride"
     image_size: int = 28
+    network: str = "default"
     omniglot_scheme: str = "maml"
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -157,6 +166,7 @@ class TrainConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("pooling", self.pooling, ("max", "stride"))
         _choice("omniglot_scheme", self.omniglot_scheme, ("maml", "vinyals"))
+        _choice("network", self.network, NETWORKS)
         for name in (
             "ways",
             "shots",
@@ -193,6 +203,11 @@ class TrainConfig:
         if self.dataset == "sinusoid" and self.ways != 1:
             raise ConfigError(
                 f"--ways does not apply to --dataset sinusoid (got {self.ways}); drop it"
+            )
+        if self.dataset == "sinusoid" and self.network != "default":
+            raise ConfigError(
+                f"--network {self.network} describes the Conv4 of the image datasets; "
+                "drop it for --dataset sinusoid"
             )
         if self.dataset != "sinusoid" and self.pooling == "max" and self.image_size < 16:
             raise ConfigError(
@@ -280,9 +295,12 @@ def config_diff(
     names = set(saved) | set(given)
     if only is not None:
         names &= set(only)
+    # A field missing from one side (a record written before the field existed) has its
+    # default value there.
+    defaults = TrainConfig().to_dict()
     out = {}
     for name in sorted(names - set(ignore)):
-        a, b = saved.get(name), given.get(name)
+        a, b = saved.get(name, defaults.get(name)), given.get(name, defaults.get(name))
         same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b))
         if not same:
             out[name] = (a, b)

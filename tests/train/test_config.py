@@ -74,6 +74,8 @@ def test_dataset_defaults_without_preset():
         ({"dataset": "cifar"}, "--dataset"),
         ({"dataset": "sinusoid", "ways": 5}, "--ways"),
         ({"pooling": "max", "image_size": 8}, "--image-size"),
+        ({"network": "resnet"}, "--network"),
+        ({"dataset": "sinusoid", "network": "reference"}, "--network"),
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -93,3 +95,35 @@ def test_config_diff_ignores_runtime_fields():
     assert config_diff(a, b) == {"inner_lr": (2.0, 0.1)}
     assert config_diff(a, b, only={"iterations"}) == {}
     assert "iterations" in RUNTIME_FIELDS and "seed" not in RUNTIME_FIELDS
+
+
+def test_config_diff_reads_a_missing_field_as_its_default():
+    # Records written before a field existed (e.g. "network") still resume.
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "network"}
+    assert config_diff(old, TrainConfig().to_dict()) == {}
+    reference = dict(TrainConfig().to_dict(), network="reference")
+    assert config_diff(old, reference) == {"network": ("default", "reference")}
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil"])
+def test_reference_network_is_cbfinn_maml_conv4(algorithm):
+    import numpy as np
+
+    from paddlefsl.train.builders import build_learner
+
+    cfg, _ = build_config("maml-omniglot-5w5s", algorithm=algorithm, network="reference")
+    learner = build_learner(cfg)
+    params = dict(learner.named_parameters())
+    bn = learner.module.features[0][1] if algorithm != "anil" else learner.features[0][1]
+    assert bn._epsilon == 1e-3
+    assert bn.weight.stop_gradient and np.all(bn.weight.numpy() == 1.0)  # no scale
+    head = next(p for n, p in params.items() if n.endswith("head.weight"))
+    assert 0.8 < float(head.std()) < 1.2  # N(0, 1), not Paddle's Xavier (about 0.17)
+    if algorithm == "anil":
+        assert not learner.inner_frozen  # the features are never adapted anyway
+    else:
+        assert learner.inner_frozen == {f"features.{i}.1.bias" for i in range(4)}
+    default = build_learner(build_config("maml-omniglot-5w5s", algorithm=algorithm)[0])
+    assert not default.inner_frozen
+    assert float(next(p for n, p in default.named_parameters() if "head.weight" in n).std()) < 0.5
+    assert "network" in cfg.to_dict() and cfg.network == "reference"
