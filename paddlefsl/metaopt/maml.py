@@ -65,6 +65,18 @@ class MAML(BaseLearner):
         >>> paddle.nn.functional.mse_loss(learner(x), y).backward()
         >>> opt.step(); opt.clear_grad()
 
+        ``inner_frozen`` keeps named parameters out of the inner step (the outer loop
+        still trains them):
+
+        >>> net = paddle.nn.Sequential(paddle.nn.Linear(1, 8), paddle.nn.BatchNorm1D(8),
+        ...                            paddle.nn.Linear(8, 1))
+        >>> learner = MAML(net, lr=0.1, inner_frozen=["1.bias"]).clone()
+        >>> learner.adapt(paddle.nn.functional.mse_loss(learner(x), y))
+        >>> fast = learner.fast_weights()
+        >>> [bool((fast[n] == p).all()) for n, p in [("1.bias", net[1].bias),
+        ...                                           ("0.weight", net[0].weight)]]
+        [True, False]
+
     """
 
     def __init__(
