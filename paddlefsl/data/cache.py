@@ -13,6 +13,7 @@ file that looks valid.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -20,7 +21,7 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,32 @@ class ArrayCache:
         return loaded
 
 
+@contextlib.contextmanager
+def _build_lock(directory: Path, name: str, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<directory>/<name>.lock`` while a cache is built.
+
+    Two processes started together (two runs, or the ranks of ``--nproc``) would
+    otherwise both decode, and one's ``os.replace`` of an array would invalidate the
+    header the other just wrote. Raises ``OSError`` if the directory is not writable.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{name}.lock", "a+") as lock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, concurrent builds stay the caller's risk
+            yield
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.warning("waiting for another process decoding the %s into %s", what, directory)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def load_or_build(
     directories: Sequence[Path],
     name: str,
@@ -310,8 +337,14 @@ def load_or_build(
     errors = []
     for directory in directories:
         try:
-            logger.info("decoding %s into cache %s/%s (done once)", what, directory, name)
-            arrays, extra = ArrayCache(directory, name, key).build(fill)
+            with _build_lock(Path(directory), name, what):
+                # Another process may have built it while this one waited for the lock.
+                cache = ArrayCache(directory, name, key)
+                loaded = cache.load()
+                if loaded is not None:
+                    return loaded[0], loaded[1], Path(directory)
+                logger.info("decoding %s into cache %s/%s (done once)", what, directory, name)
+                arrays, extra = cache.build(fill)
             return arrays, extra, Path(directory)
         except OSError as err:
             # Only problems with the location itself move on to the next directory;

@@ -125,3 +125,47 @@ def test_describe_sources_sees_changes(tmp_path):
     after = describe_sources(tmp_path, [tmp_path / "d"])
     assert before[0]["files"] == 1 and after[0]["files"] == 2 and after[0]["size"] == 3
     assert json.loads(json.dumps(after)) == after
+
+
+_CONCURRENT_BUILD = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from paddlefsl.data.cache import load_or_build
+
+directory, builds = Path(sys.argv[1]), Path(sys.argv[2])
+start = float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))  # both processes reach the build together
+
+def fill(alloc):
+    with open(builds, "a") as f:
+        f.write("build\\n")
+    time.sleep(1.0)  # a slow decode: the other process arrives while this one writes
+    alloc("v", (64,), np.uint8)[:] = 7
+    return {}
+
+arrays, _, _ = load_or_build([directory], "shared", {"k": 1}, fill)
+assert arrays["v"].tolist() == [7] * 64
+"""
+
+
+def test_concurrent_builds_decode_once(tmp_path):
+    # Two runs started together used to both decode, and one failed with "could not be
+    # read back after writing" when the other replaced an array under its header.
+    import subprocess
+    import sys
+    import time
+
+    builds = tmp_path / "builds.txt"
+    start = time.time() + 3.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONCURRENT_BUILD, str(tmp_path / "c"), str(builds), str(start)],
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    assert builds.read_text().count("build") == 1
