@@ -43,7 +43,7 @@ def _fail(prog: str, message: Any, code: int = 2) -> NoReturn:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .train.config import ALGORITHMS, DATASETS, NETWORKS
+    from .train.config import ALGORITHMS, DATASETS, META_LR_SCHEDULES, NETWORKS
     from .train.presets import PRESETS
 
     s = argparse.SUPPRESS  # unset options stay absent, so the preset can fill them
@@ -97,6 +97,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--inner-lr", type=float, default=s, help="inner-loop learning rate")
     group.add_argument("--meta-lr", type=float, default=s, help="Adam meta learning rate")
+    group.add_argument(
+        "--meta-lr-schedule",
+        choices=META_LR_SCHEDULES,
+        default=s,
+        help="constant (default, the papers') or cosine: annealed to 0 at --iterations",
+    )
     group.add_argument("--iterations", type=int, default=s, help="meta-updates in the run")
     group.add_argument("--seed", type=int, default=s, help="initialisation and task seed")
     group = p.add_argument_group("model")
@@ -265,11 +271,11 @@ def _default_output(preset: str | None, given: dict[str, Any]) -> str:
 def _train_config(args: argparse.Namespace) -> Any:
     from .train.checkpoint import CHECKPOINT_DIR
     from .train.config import (
-        RUNTIME_FIELDS,
         TrainConfig,
         build_config,
         check_resume,
         load_config,
+        runtime_fields,
     )
     from .train.errors import ConfigError
 
@@ -301,7 +307,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         specified.discard("dataset")
     check_resume(saved.to_dict(), candidate.to_dict(), only=specified)
     merged = saved.to_dict()
-    merged.update({k: v for k, v in given.items() if k in RUNTIME_FIELDS})
+    merged.update({k: v for k, v in given.items() if k in runtime_fields(merged)})
     return TrainConfig.from_dict(merged).validate()
 
 

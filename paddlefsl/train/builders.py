@@ -85,8 +85,17 @@ def build_learner(config: TrainConfig, model: paddle.nn.Layer | None = None) -> 
 
 
 def build_optimizer(config: TrainConfig, learner: BaseLearner) -> paddle.optimizer.Optimizer:
-    """Adam with ``meta_lr`` over the learner's parameters (MAML's meta-optimizer)."""
-    return paddle.optimizer.Adam(learning_rate=config.meta_lr, parameters=learner.parameters())
+    """Adam over the learner's parameters (MAML's meta-optimizer), ``meta_lr`` as scheduled.
+
+    With ``meta_lr_schedule="cosine"`` the learning rate is a
+    ``paddle.optimizer.lr.CosineAnnealingDecay`` from ``meta_lr`` to 0 over
+    ``iterations``; the trainer steps it once per meta-update and checkpoints it with
+    the optimizer.
+    """
+    lr: float | paddle.optimizer.lr.LRScheduler = config.meta_lr
+    if config.meta_lr_schedule == "cosine":
+        lr = paddle.optimizer.lr.CosineAnnealingDecay(config.meta_lr, T_max=config.iterations)
+    return paddle.optimizer.Adam(learning_rate=lr, parameters=learner.parameters())
 
 
 def _require_root(config: TrainConfig) -> Path:

@@ -24,6 +24,7 @@ __all__ = [
     "check_resume",
     "config_diff",
     "load_config",
+    "runtime_fields",
 ]
 
 ALGORITHMS = ("maml", "fomaml", "anil")
@@ -33,6 +34,8 @@ DATASETS = ("omniglot", "miniimagenet", "sinusoid")
 MODEL_FIELDS = ("dataset", "ways", "hidden", "pooling", "image_size", "network")
 #: Conv4 variants (``--network``): Paddle's defaults, or cbfinn/maml's details.
 NETWORKS = ("default", "reference")
+#: Meta learning-rate schedules (``--meta-lr-schedule``).
+META_LR_SCHEDULES = ("constant", "cosine")
 
 #: Fields that may change when a run is resumed: they never change the weights.
 RUNTIME_FIELDS = frozenset(
@@ -54,6 +57,22 @@ RUNTIME_FIELDS = frozenset(
 CONFIG_FILE = "config.json"
 
 
+def runtime_fields(saved: dict[str, Any]) -> frozenset[str]:
+    """The fields a resume of the run configured as ``saved`` may change.
+
+    :data:`RUNTIME_FIELDS`, except that a cosine meta-LR schedule ends at ``iterations``:
+    there another ``iterations`` would change the learning rate of every later step.
+
+    Example:
+        >>> "iterations" in runtime_fields({"meta_lr_schedule": "cosine"})
+        False
+
+    """
+    if saved.get("meta_lr_schedule", "constant") == "cosine":
+        return RUNTIME_FIELDS - {"iterations"}
+    return RUNTIME_FIELDS
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a meta-training run (saved as ``config.json``).
@@ -70,6 +89,8 @@ class TrainConfig:
         inner_steps_test: Inner-loop steps for validation and evaluation.
         inner_lr: Inner-loop (adaptation) learning rate.
         meta_lr: Adam learning rate of the meta-update.
+        meta_lr_schedule: ``"constant"`` (the papers') or ``"cosine"``: annealed from
+            ``meta_lr`` to 0 over ``iterations`` (which a resume may then not change).
         iterations: Meta-updates in the whole run.
         seed: Seed of the model initialisation and of the training task stream.
         hidden: Conv4 channels, or the width of the two sinusoid MLP layers.
@@ -114,6 +135,7 @@ class TrainConfig:
     inner_steps_test: int = 3
     inner_lr: float = 2.0
     meta_lr: float = 1e-3
+    meta_lr_schedule: str = "constant"
     iterations: int = 60000
     seed: int = 0
     hidden: int = 64
@@ -167,6 +189,7 @@ class TrainConfig:
         _choice("pooling", self.pooling, ("max", "stride"))
         _choice("omniglot_scheme", self.omniglot_scheme, ("maml", "vinyals"))
         _choice("network", self.network, NETWORKS)
+        _choice("meta_lr_schedule", self.meta_lr_schedule, META_LR_SCHEDULES)
         for name in (
             "ways",
             "shots",
@@ -329,14 +352,14 @@ def check_resume(
 ) -> None:
     """Raise :class:`ConfigMismatchError` if a weight-changing field differs.
 
-    Runtime fields (:data:`RUNTIME_FIELDS`) may differ; with ``only``, just those fields
-    are compared.
+    Runtime fields (:func:`runtime_fields` of ``saved``) may differ; with ``only``, just
+    those fields are compared.
 
     Example:
         >>> check_resume({"seed": 0}, {"seed": 0})
 
     """
-    diff = config_diff(saved, given, only=only)
+    diff = config_diff(saved, given, only=only, ignore=runtime_fields(saved))
     if diff:
         raise ConfigMismatchError(
             diff, "start a new run with another --output, or drop the differing options"

@@ -17,7 +17,7 @@ import paddle
 
 from ..data import MetaBatchLoader
 from .checkpoint import CheckpointManager, atomic_write_json, load_checkpoint
-from .config import CONFIG_FILE, MODEL_FIELDS, RUNTIME_FIELDS, config_diff
+from .config import CONFIG_FILE, MODEL_FIELDS, config_diff, runtime_fields
 from .distributed import Group, current_group
 from .errors import CheckpointError, ConfigMismatchError, NonFiniteLossError
 from .evaluate import EvalResult, evaluate
@@ -204,7 +204,7 @@ class MetaTrainer:
         Raises:
             CheckpointError: no checkpoint, or it does not fit the model.
             ConfigMismatchError: ``config`` differs from the saved one in a field that
-                changes the weights (anything but :data:`~paddlefsl.train.config.RUNTIME_FIELDS`).
+                changes the weights (anything but :func:`~paddlefsl.train.config.runtime_fields`).
 
         """
         if path is None:
@@ -214,7 +214,7 @@ class MetaTrainer:
         else:
             ckpt = load_checkpoint(path, which="last")
         if self.config and ckpt.config:
-            diff = config_diff(ckpt.config, self.config, ignore=RUNTIME_FIELDS)
+            diff = config_diff(ckpt.config, self.config, ignore=runtime_fields(ckpt.config))
             if diff:
                 raise ConfigMismatchError(
                     diff,
@@ -599,6 +599,8 @@ class MetaTrainer:
             "iters_per_sec": rate,
             "elapsed": round(self._elapsed, 3),
         }
+        if self.scheduler is not None:  # the rate the next meta-update will use
+            row["meta_lr"] = float(self.optimizer.get_lr())
         if self.metrics is not None:
             self.metrics.write(row)
         return row

@@ -95,6 +95,26 @@ def test_train_resume_eval_end_to_end(capsys, tmp_path):
     assert report["ci95"] >= 0 and report["config"]["dataset"] == "sinusoid"
 
 
+def test_cosine_schedule_resumes_only_to_its_own_end(capsys, tmp_path):
+    from paddlefsl.train import read_metrics
+    from paddlefsl.train.checkpoint import load_checkpoint
+
+    out = str(tmp_path / "run")
+    assert (
+        main(SINUSOID + ["--output", out, "--meta-lr-schedule", "cosine", "--log-every", "1"]) == 0
+    )
+    capsys.readouterr()
+    state = load_checkpoint(out, which="last").optimizer_state["LR_Scheduler"]
+    assert state["last_epoch"] == 4 and state["last_lr"] == pytest.approx(0.0, abs=1e-12)
+    rates = [r["meta_lr"] for r in read_metrics(out) if r.get("split") == "train"]
+    assert rates == sorted(rates, reverse=True) and len(set(rates)) == len(rates) > 1
+    # The schedule ends at --iterations: extending the run would change every later rate.
+    line = cli_error(capsys, ["train", "--resume", "--output", out, "--iterations", "6"])
+    assert "iterations (saved 4, given 6)" in line
+    assert main(["train", "--resume", "--output", out, "--no-progress"]) == 0
+    assert "done: 4 iterations" in capsys.readouterr().out
+
+
 def test_eval_bad_checkpoint(capsys, tmp_path):
     line = cli_error(capsys, ["eval", "--checkpoint", str(tmp_path)])
     assert "no checkpoint found" in line
@@ -138,6 +158,7 @@ def test_a_failed_training_process_is_reported(capsys, monkeypatch, tmp_path):
 
 
 def test_init_from_starts_a_new_run_from_saved_weights(capsys, tmp_path):
+    from paddlefsl.train import read_metrics
     from paddlefsl.train.checkpoint import load_checkpoint
 
     first, second = str(tmp_path / "first"), str(tmp_path / "second")

@@ -75,6 +75,7 @@ def test_dataset_defaults_without_preset():
         ({"dataset": "sinusoid", "ways": 5}, "--ways"),
         ({"pooling": "max", "image_size": 8}, "--image-size"),
         ({"network": "resnet"}, "--network"),
+        ({"meta_lr_schedule": "step"}, "--meta-lr-schedule"),
         ({"dataset": "sinusoid", "network": "reference"}, "--network"),
         ({"bogus": 1}, "bogus"),
     ],
@@ -127,3 +128,26 @@ def test_reference_network_is_cbfinn_maml_conv4(algorithm):
     assert not default.inner_frozen
     assert float(next(p for n, p in default.named_parameters() if "head.weight" in n).std()) < 0.5
     assert "network" in cfg.to_dict() and cfg.network == "reference"
+
+
+def test_cosine_meta_lr_anneals_to_zero_over_the_run():
+    import paddle
+
+    from paddlefsl.train.builders import build_learner, build_optimizer
+
+    cfg, _ = build_config(
+        dataset="sinusoid", meta_lr=0.01, iterations=10, meta_lr_schedule="cosine"
+    )
+    opt = build_optimizer(cfg, build_learner(cfg))
+    schedule = opt._learning_rate
+    assert isinstance(schedule, paddle.optimizer.lr.CosineAnnealingDecay)
+    rates = []
+    for _ in range(10):
+        rates.append(opt.get_lr())
+        schedule.step()
+    assert rates[0] == pytest.approx(0.01)
+    assert rates[5] == pytest.approx(0.005)  # halfway: half the rate
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert opt.get_lr() == pytest.approx(0.0, abs=1e-12)  # after the last iteration
+    constant = build_optimizer(build_config(dataset="sinusoid")[0], build_learner(cfg))
+    assert isinstance(constant._learning_rate, float)
