@@ -580,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _with_clear_errors(prog: str, run: Any) -> int:
     """Run ``run()``; known failures become one line on stderr and an exit code."""
     from .data import CorruptDataError, TaskConfigError
-    from .train.errors import CheckpointError, ConfigError, NonFiniteLossError
+    from .train.errors import CheckpointError, ConfigError, NonFiniteLossError, RunInUseError
 
     try:
         with warnings.catch_warnings():
@@ -594,7 +594,7 @@ def _with_clear_errors(prog: str, run: Any) -> int:
         _fail(prog, f"{err} (see {DOCS}#data)")
     except FileNotFoundError as err:
         _fail(prog, f"{err} (see {DOCS}#data)")
-    except CheckpointError as err:
+    except (CheckpointError, RunInUseError) as err:
         _fail(prog, err)
     except NonFiniteLossError as err:
         _fail(prog, err, code=1)

@@ -25,7 +25,13 @@ from .checkpoint import (
     resolve_checkpoint,
 )
 from .config import TrainConfig, build_config, load_config
-from .errors import CheckpointError, ConfigError, ConfigMismatchError, NonFiniteLossError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ConfigMismatchError,
+    NonFiniteLossError,
+    RunInUseError,
+)
 from .evaluate import EvalResult, confidence_interval, evaluate
 from .metrics import MetricsLog, plot_learning_curve, read_metrics
 from .objectives import CLASSIFICATION, REGRESSION, Objective
@@ -49,6 +55,7 @@ __all__ = [
     "NonFiniteLossError",
     "Objective",
     "Preset",
+    "RunInUseError",
     "TrainConfig",
     "build_config",
     "capture_rng_state",

@@ -70,3 +70,16 @@ class CheckpointError(RuntimeError):
         True
 
     """
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training in the same run folder.
+
+    Two trainers writing one folder would interleave their checkpoints and metrics, so
+    the second one stops before writing anything.
+
+    Example:
+        >>> isinstance(RunInUseError("runs/x is in use"), RuntimeError)
+        True
+
+    """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import sys
@@ -24,6 +25,7 @@ from .evaluate import EvalResult, evaluate
 from .metrics import MetricsLog
 from .objectives import Objective, adapt, get_objective, infer_task_type
 from .rng import forked_rng, restore_rng_state
+from .runlock import RunLock
 
 __all__ = ["FitResult", "MetaTrainer"]
 
@@ -74,6 +76,26 @@ class _Window:
         n = max(self.count, 1)
         rate = self.count / max(time.perf_counter() - self.start, 1e-9)
         return self.loss / n, self.metric / n, rate
+
+
+def _holding_run_folder(method: Any) -> Any:
+    """Run a method that writes ``output_dir`` under the folder's :class:`RunLock`.
+
+    Nested calls (``fit`` saving a checkpoint) keep the lock taken by the outer one.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: MetaTrainer, *args: Any, **kwargs: Any) -> Any:
+        lock = self._run_lock
+        if lock is None or lock.held:
+            return method(self, *args, **kwargs)
+        lock.acquire()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lock.release()
+
+    return wrapper
 
 
 class MetaTrainer:
@@ -183,6 +205,8 @@ class MetaTrainer:
         self.best_metric: float | None = None
         self.best_iteration: int | None = None
         self.checkpoints = CheckpointManager(self.output_dir) if self.output_dir else None
+        # Held while this trainer writes the folder (resume, warm_start, fit, save).
+        self._run_lock = RunLock(self.output_dir) if (self.output_dir and main) else None
         self.metrics = MetricsLog(self.output_dir) if (self.output_dir and main) else None
         self._stop_signal: int | None = None
         self._last_saved: int | None = None
@@ -191,6 +215,7 @@ class MetaTrainer:
         self._elapsed = 0.0
 
     # ------------------------------------------------------------------ resume
+    @_holding_run_folder
     def resume(self, path: str | Path | None = None) -> int:
         """Continue from the ``last`` checkpoint of ``output_dir`` (or from ``path``).
 
@@ -238,6 +263,7 @@ class MetaTrainer:
         return ckpt.iteration
 
     # ------------------------------------------------------------------ warm start
+    @_holding_run_folder
     def warm_start(self, path: str | Path, which: str = "best") -> int:
         """Start a new run from the weights of an earlier run or a model-zoo export.
 
@@ -425,6 +451,7 @@ class MetaTrainer:
             "elapsed": self._elapsed,
         }
 
+    @_holding_run_folder
     def save(self, tags: Sequence[str] = ("last",)) -> str | None:
         """Write a checkpoint for the current iteration under ``tags``; returns its record."""
         if self.checkpoints is None or not self.group.is_main:
@@ -469,6 +496,7 @@ class MetaTrainer:
                 signal.signal(sig, old)
 
     # ------------------------------------------------------------------ the loop
+    @_holding_run_folder
     def fit(self, iterations: int) -> FitResult:
         """Meta-train until ``iterations`` meta-updates have been done in total.
 
@@ -478,6 +506,7 @@ class MetaTrainer:
         Raises:
             NonFiniteLossError: NaN / inf loss or gradient (the last good checkpoint is
                 kept and named in the message).
+            RunInUseError: another process is training in ``output_dir``.
 
         """
         self._stop_signal = None

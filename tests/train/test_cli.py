@@ -115,6 +115,21 @@ def test_cosine_schedule_resumes_only_to_its_own_end(capsys, tmp_path):
     assert "done: 4 iterations" in capsys.readouterr().out
 
 
+def test_resume_while_another_process_trains_there(capsys, tmp_path):
+    from paddlefsl.train.runlock import RunLock
+
+    out = str(tmp_path / "run")
+    assert main(SINUSOID + ["--output", out]) == 0
+    capsys.readouterr()
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        line = cli_error(capsys, ["train", "--resume", "--output", out, "--iterations", "6"])
+    finally:
+        lock.release()
+    assert "in use by another training process" in line and "then resume" in line
+
+
 def test_eval_bad_checkpoint(capsys, tmp_path):
     line = cli_error(capsys, ["eval", "--checkpoint", str(tmp_path)])
     assert "no checkpoint found" in line
@@ -158,7 +173,6 @@ def test_a_failed_training_process_is_reported(capsys, monkeypatch, tmp_path):
 
 
 def test_init_from_starts_a_new_run_from_saved_weights(capsys, tmp_path):
-    from paddlefsl.train import read_metrics
     from paddlefsl.train.checkpoint import load_checkpoint
 
     first, second = str(tmp_path / "first"), str(tmp_path / "second")

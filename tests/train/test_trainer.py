@@ -293,3 +293,26 @@ def test_last_record_carries_the_best_metric_of_its_iteration(factory, tmp_path)
     state = CheckpointManager(tmp_path).load("last").record["state"]
     assert (state["best_metric"], state["best_iteration"]) == (0.4, 4)
     assert CheckpointManager(tmp_path).load("best").iteration == 4
+
+
+def test_a_run_folder_in_use_is_refused_before_anything_is_written(factory, tmp_path):
+    from paddlefsl.train import RunInUseError
+    from paddlefsl.train.runlock import RunLock
+
+    factory.classification(output_dir=tmp_path).fit(2)
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    other = RunLock(tmp_path)  # another process training there (flock: per open file)
+    other.acquire()
+    try:
+        trainer = factory.classification(output_dir=tmp_path)
+        with pytest.raises(RunInUseError, match=rf"in use .*pid {os.getpid()}.*kill -TERM"):
+            trainer.resume()
+        with pytest.raises(RunInUseError):
+            trainer.fit(4)
+        after = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        assert after == before  # nothing touched: metrics, checkpoints, config
+    finally:
+        other.release()
+    trainer = factory.classification(output_dir=tmp_path)
+    assert trainer.resume() == 2 and trainer.fit(4).iteration == 4  # free again
+    assert not trainer._run_lock.held  # released after fit, so a later trainer may write
