@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._filelock import lock_exclusive, open_lock_file
 from .._fsync import fsync_path
 
 __all__ = [
@@ -286,21 +287,14 @@ def _build_lock(directory: Path, name: str, what: str) -> Iterator[None]:
     header the other just wrote. Raises ``OSError`` if the directory is not writable.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f"{name}.lock", "a+") as lock:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, concurrent builds stay the caller's risk
-            yield
-            return
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            logger.warning("waiting for another process decoding the %s into %s", what, directory)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with open_lock_file(directory / f"{name}.lock") as lock:
+        lock_exclusive(
+            lock,
+            on_wait=lambda: logger.warning(
+                "waiting for another process decoding the %s into %s", what, directory
+            ),
+        )
+        yield
 
 
 def load_or_build(

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import paddle
 
+from .._filelock import lock_exclusive, open_lock_file, try_lock_exclusive
+
 __all__ = [
     "ONEDNN_DEVEL",
     "OPS",
@@ -160,7 +162,6 @@ def prune_cache(root: Path, keep: Path, entries: int = CACHE_ENTRIES_KEPT) -> li
         []
 
     """
-    import fcntl
 
     def last_use(entry: Path) -> float:
         marker = entry / _USED
@@ -179,8 +180,9 @@ def prune_cache(root: Path, keep: Path, entries: int = CACHE_ENTRIES_KEPT) -> li
     for entry in builds[max(entries, 0) :]:
         lock_path = root / f"{entry.name}.lock"
         try:
-            with open(lock_path, "a+") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # busy: OSError, skip
+            with open_lock_file(lock_path) as lock:
+                if not try_lock_exclusive(lock):  # being built or loaded elsewhere
+                    continue
                 shutil.rmtree(entry)
                 lock_path.unlink()
             deleted.append(entry)
@@ -463,34 +465,28 @@ def _build_locked(root: Path, final: Path, libs: Path, headers: tuple) -> None:
     """Build into ``final`` unless another process does (or did) it first."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock_file = open(root / f"{final.name}.lock", "a+")
+        lock_file = open_lock_file(root / f"{final.name}.lock")
     except OSError as error:
         raise BuildError(
             f"cannot write the build cache {root}: {error} (set PADDLEFSL_CACHE to a "
             "writable folder)"
         ) from error
-    import fcntl  # POSIX only; _check_paddle() already required Linux
-
-    with lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            print(
+    with lock_file:  # closing it releases the lock
+        lock_exclusive(
+            lock_file,
+            on_wait=lambda: print(
                 f"paddlefsl: waiting for another process building the oneDNN kernels in {final}",
                 file=sys.stderr,
                 flush=True,
-            )
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            if not (final / f"{_NAME}.so").is_file():
-                # Leftovers of an interrupted build or a damaged cache entry: we hold the
-                # lock, so no other process is writing them.
-                shutil.rmtree(final, ignore_errors=True)
-                for stale in root.glob(f".{final.name}.tmp-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
-                _build(root, final, libs, headers)
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+            ),
+        )
+        if not (final / f"{_NAME}.so").is_file():
+            # Leftovers of an interrupted build or a damaged cache entry: we hold the
+            # lock, so no other process is writing them.
+            shutil.rmtree(final, ignore_errors=True)
+            for stale in root.glob(f".{final.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            _build(root, final, libs, headers)
 
 
 # Runs in a child process: compiles with Paddle's JIT loader, then checks the three ops

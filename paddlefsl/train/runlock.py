@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import IO
 
+from .._filelock import open_lock_file, try_lock_exclusive
 from .errors import RunInUseError
 
 __all__ = ["LOCK_FILE", "RunLock"]
@@ -19,7 +20,7 @@ class RunLock:
 
     The operating system drops the lock when its process ends, however it ends, so a
     killed run never leaves the folder locked. Without ``fcntl`` (not POSIX) it does
-    nothing.
+    not lock.
 
     Args:
         directory: The run folder (created if missing).
@@ -52,15 +53,9 @@ class RunLock:
         """Take the lock, or raise :class:`RunInUseError` naming the holder's pid."""
         if self._file is not None:
             return
-        try:
-            import fcntl
-        except ImportError:
-            return
         self.directory.mkdir(parents=True, exist_ok=True)
-        file = open(self.directory / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        file = open_lock_file(self.directory / LOCK_FILE)
+        if not try_lock_exclusive(file):
             file.seek(0)
             holder = file.read().strip()
             file.close()
