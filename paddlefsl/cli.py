@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to write eval_<split>.json (default: the run folder)",
     )
+    ev.add_argument(
+        "--by-step",
+        action="store_true",
+        help="also report the metric before adaptation and after every inner step, as the "
+        "MAML reference code does (one extra query pass per step)",
+    )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ex = sub.add_parser(
         "export",
@@ -456,7 +462,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     ckpt.load_model(learner.module)
     tasks = build_tasks(config, args.split, num_tasks=config.eval_tasks)
     result = evaluate(
-        learner, tasks, config.inner_steps_test, config.task_type, progress=not args.no_progress
+        learner,
+        tasks,
+        config.inner_steps_test,
+        config.task_type,
+        progress=not args.no_progress,
+        by_step=args.by_step,
     )
     run_dir = ckpt.run_dir  # <run> for <run>/checkpoints/*.json, the folder of an export
     out_dir = Path(args.output) if args.output else run_dir
@@ -486,6 +497,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"{result.inner_steps} inner steps, iteration {ckpt.iteration}){paper}; "
         f"written to {out_file}"
     )
+    if result.by_step:
+        steps = ", ".join(
+            f"{row['step']}: {scale * row['mean']:.2f} +- {scale * row['ci95']:.2f}"
+            for row in result.by_step
+        )
+        print(f"{result.metric} by inner step{' (%)' if unit else ''}: {steps}")
     print(plot_learning_curve(run_dir, out_dir / "learning_curve.png"), file=sys.stderr)
     return 0
 

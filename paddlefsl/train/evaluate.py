@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,9 @@ class EvalResult:
         loss: Mean query loss.
         inner_steps: Adaptation steps used on each support set.
         values: The per-task metric.
+        by_step: With ``evaluate(..., by_step=True)``, the metric after each number of
+            steps ``0..inner_steps``: ``{"step", "mean", "ci95"}`` per entry (the last
+            one is ``mean`` and ``ci95`` above); empty otherwise.
 
     Example:
         >>> r = EvalResult("accuracy", 0.9, 0.01, 0.1, 600, 0.3, 3)
@@ -63,6 +67,7 @@ class EvalResult:
     loss: float
     inner_steps: int
     values: list[float] = field(default_factory=list, repr=False)
+    by_step: list[dict[str, float]] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_values(
@@ -97,12 +102,25 @@ def _as_tensors(task: Any) -> tuple[paddle.Tensor, ...]:
     return tuple(t if isinstance(t, paddle.Tensor) else paddle.to_tensor(t) for t in task)
 
 
+def _record_query_metric(
+    scores: list[float],
+    objective: Objective,
+    query_x: paddle.Tensor,
+    query_y: paddle.Tensor,
+    model: Any,
+    _step: int = 0,
+) -> None:
+    with paddle.no_grad():
+        scores.append(objective.metric(model(query_x), query_y))
+
+
 def evaluate(
     learner: Any,
     tasks: Iterable[Any],
     inner_steps: int,
     task_type: str | None = None,
     progress: bool = False,
+    by_step: bool = False,
 ) -> EvalResult:
     """Adapt a clone on every task's support set and score it on the query set.
 
@@ -118,6 +136,10 @@ def evaluate(
         task_type: ``"classification"`` or ``"regression"``; inferred from the first
             task's targets when ``None``.
         progress: Show a tqdm bar.
+        by_step: Also score the query set before adaptation and after every step, as
+            the MAML reference code reports its test accuracy (``EvalResult.by_step``).
+            It costs one extra query pass per step; the final numbers do not change
+            (a model with dropout draws extra random numbers, though).
 
     Returns:
         An :class:`EvalResult` (accuracy for classification, MSE for regression).
@@ -133,6 +155,8 @@ def evaluate(
         ('mse', 5)
 
     """
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
     if getattr(learner, "is_clone", False):
         raise ValueError("evaluate() needs the meta-learner, not a clone")
     objective: Objective | None = get_objective(task_type) if task_type else None
@@ -140,6 +164,7 @@ def evaluate(
     learner.train()
     values: list[float] = []
     losses: list[float] = []
+    step_values: list[list[float]] = []  # per task: the metric after 0..inner_steps steps
     iterator = tasks
     bar = None
     if progress:
@@ -151,11 +176,19 @@ def evaluate(
             sx, sy, qx, qy = _as_tensors(task)
             if objective is None:
                 objective = get_objective(infer_task_type(sy))
-            clone = adapt(learner.clone(first_order=True), objective, sx, sy, inner_steps)
+            clone = learner.clone(first_order=True)
+            scores: list[float] = []
+            record = None
+            if by_step:
+                record = functools.partial(_record_query_metric, scores, objective, qx, qy)
+                record(clone)
+            clone = adapt(clone, objective, sx, sy, inner_steps, record)
             with paddle.no_grad():
                 out = clone(qx)
                 losses.append(float(objective.loss(out, qy)))
                 values.append(objective.metric(out, qy))
+            if by_step:
+                step_values.append(scores)
             del clone, out, sx, sy, qx, qy  # free each task's graph and tensors promptly
     finally:
         if bar is not None:
@@ -164,4 +197,10 @@ def evaluate(
             learner.eval()
     if objective is None:
         raise ValueError("no tasks to evaluate")
-    return EvalResult.from_values(objective.metric_name, values, np.mean(losses), inner_steps)
+    result = EvalResult.from_values(objective.metric_name, values, np.mean(losses), inner_steps)
+    if by_step:
+        per_step = np.asarray(step_values, dtype=np.float64)  # [tasks, inner_steps + 1]
+        for step in range(inner_steps + 1):
+            mean, _, ci95 = confidence_interval(per_step[:, step])
+            result.by_step.append({"step": step, "mean": mean, "ci95": ci95})
+    return result

@@ -101,9 +101,17 @@ def infer_task_type(targets: Any) -> TaskType:
 
 
 def adapt(
-    learner: Any, objective: Objective, x: paddle.Tensor, y: paddle.Tensor, steps: int
+    learner: Any,
+    objective: Objective,
+    x: paddle.Tensor,
+    y: paddle.Tensor,
+    steps: int,
+    after_step: Callable[[Any, int], None] | None = None,
 ) -> Any:
     """Take ``steps`` inner-loop steps of a clone on ``(x, y)``; returns the clone.
+
+    ``after_step(clone, k)``, when given, runs after the ``k``-th step (``k = 1..steps``),
+    e.g. to score the query set along the way.
 
     Example:
         >>> import paddle
@@ -117,9 +125,13 @@ def adapt(
     """
     if isinstance(learner, ANIL):  # the features do not adapt: run them once
         support = learner.embed(x)
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             learner.adapt(objective.loss(learner.head_forward(support), y))
+            if after_step is not None:
+                after_step(learner, step)
         return learner
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         learner.adapt(objective.loss(learner(x), y))
+        if after_step is not None:
+            after_step(learner, step)
     return learner

@@ -93,6 +93,15 @@ def test_train_resume_eval_end_to_end(capsys, tmp_path):
     assert report["iteration"] == 6 and report["num_tasks"] == 5
     assert report["metric"] == "mse" and len(report["values"]) == 5
     assert report["ci95"] >= 0 and report["config"]["dataset"] == "sinusoid"
+    assert report["by_step"] == []
+
+    argv = ["eval", "--checkpoint", out, "--eval-tasks", "5", "--no-progress", "--by-step"]
+    assert main(argv + ["--inner-steps-test", "2", "--output", str(tmp_path / "ev")]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("mse by inner step: 0: ") and ", 2: " in line and ", 3: " not in line
+    stepped = json.loads((tmp_path / "ev" / "eval_test.json").read_text())
+    assert [row["step"] for row in stepped["by_step"]] == [0, 1, 2]
+    assert stepped["by_step"][-1]["mean"] == pytest.approx(stepped["mean"], abs=1e-12)
 
 
 def test_cosine_schedule_resumes_only_to_its_own_end(capsys, tmp_path):

@@ -45,6 +45,26 @@ def test_evaluate_is_deterministic_and_leaves_model_untouched(splits, algorithm)
     assert all(p.grad is None for p in net.parameters())  # no graph or gradient left behind
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_evaluate_by_step_scores_every_step_and_keeps_the_result(splits, algorithm):
+    _, val = splits
+    paddle.seed(1)
+    net = Conv4(1, 5, hidden=4, pooling="max", image_size=SIZE)
+    learner = ANIL(net.features, net.head, lr=0.4) if algorithm == "anil" else MAML(net, lr=0.4)
+    tasks = fixed_tasks(val, 5, 1, 2, num_tasks=5)
+    plain = evaluate(learner, tasks, inner_steps=3)
+    stepped = evaluate(learner, tasks, inner_steps=3, by_step=True)
+    assert plain.by_step == [] and [row["step"] for row in stepped.by_step] == [0, 1, 2, 3]
+    assert stepped.values == plain.values  # the extra query passes change nothing
+    assert stepped.by_step[-1]["mean"] == pytest.approx(plain.mean, abs=1e-12)
+    assert stepped.by_step[-1]["ci95"] == pytest.approx(plain.ci95, abs=1e-12)
+    # Each entry is what evaluating with that many steps gives.
+    for steps in (0, 1):
+        expected = evaluate(learner, tasks, inner_steps=steps)
+        assert stepped.by_step[steps]["mean"] == pytest.approx(expected.mean, abs=1e-12)
+    assert stepped.to_dict()["by_step"] == stepped.by_step
+
+
 def test_evaluate_regression_mse_and_tuples():
     paddle.seed(0)
     maml = MAML(MLP(1, [8], 1), lr=0.01)
