@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``paddlefsl`` command."""
     parser = _Parser(
         prog="paddlefsl",
-        description=f"Meta-learning with paddlefsl: train, evaluate, export, demo. "
+        description=f"Meta-learning with paddlefsl: train, evaluate, compare, export, demo. "
         f"Documentation: {DOCS}.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -255,6 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", required=True, metavar="DIR", help="the export folder")
     ex.add_argument(
         "--force", action="store_true", help="replace a different export already in --output"
+    )
+    cmp = sub.add_parser(
+        "compare",
+        help="paired comparison of two evaluations on the same tasks",
+        description="Per-task difference CANDIDATE - BASELINE of two 'paddlefsl eval' results "
+        "on the same fixed tasks, with its 95% confidence interval and the number of tasks "
+        "each model wins.",
+    )
+    for name in ("baseline", "candidate"):
+        cmp.add_argument(
+            name,
+            metavar=name.upper(),
+            help="an eval_<split>.json, or the folder it was written to",
+        )
+    cmp.add_argument(
+        "--split",
+        choices=_SPLITS,
+        default="test",
+        help="which eval_<split>.json of a folder (default test)",
     )
     sub.add_parser(
         "sinusoid",
@@ -507,6 +527,73 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- compare
+#: Report fields that must agree for two evaluations to have scored the same tasks.
+_SAME_TASKS = ("split", "task_seed", "num_tasks", "metric")
+_SAME_SETTING = ("dataset", "ways", "shots", "queries")
+
+
+def _read_eval_report(path_text: str, split: str) -> tuple[Path, dict[str, Any]]:
+    from .train.errors import ConfigError
+
+    path = Path(path_text)
+    if path.is_dir():
+        path = path / f"eval_{split}.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} not found: give an eval_<split>.json written by 'paddlefsl eval' or "
+            "the folder it was written to"
+        )
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is not a readable JSON file ({err})") from err
+    if not isinstance(report, dict) or not isinstance(report.get("values"), list):
+        raise ConfigError(
+            f"{path} has no per-task 'values'; it was not written by 'paddlefsl eval'"
+        )
+    return path, report
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .train.errors import ConfigError
+    from .train.evaluate import paired_difference
+
+    base_path, base = _read_eval_report(args.baseline, args.split)
+    cand_path, cand = _read_eval_report(args.candidate, args.split)
+    differing = [k for k in _SAME_TASKS if base.get(k) != cand.get(k)]
+    base_cfg, cand_cfg = base.get("config") or {}, cand.get("config") or {}
+    differing += [k for k in _SAME_SETTING if base_cfg.get(k) != cand_cfg.get(k)]
+    if differing or len(base["values"]) != len(cand["values"]):
+        detail = ", ".join(
+            f"{k} ({base.get(k, base_cfg.get(k))} vs {cand.get(k, cand_cfg.get(k))})"
+            for k in differing
+        )
+        raise ConfigError(
+            f"{base_path} and {cand_path} did not score the same tasks ({detail or 'task count'}); "
+            "evaluate both with the same --split and --eval-tasks on the same dataset setting"
+        )
+    metric = base["metric"]
+    diff = paired_difference(base["values"], cand["values"], higher_is_better=metric != "mse")
+    scale, unit = (100.0, " points") if metric == "accuracy" else (1.0, "")
+    verdict = (
+        "the interval excludes 0"
+        if diff.excludes_zero
+        else "the interval includes 0: no difference shown"
+    )
+    print(
+        f"{args.split} {metric}, candidate - baseline: {scale * diff.mean:+.2f} +- "
+        f"{scale * diff.ci95:.2f}{unit} (95% CI, paired over {diff.num_tasks} tasks; candidate "
+        f"better on {diff.better}, worse on {diff.worse}, equal on {diff.ties}); {verdict}"
+    )
+    for name, report in (("baseline", base), ("candidate", cand)):
+        print(
+            f"  {name}: {scale * report['mean']:.2f} +- {scale * report['ci95']:.2f} "
+            f"(iteration {report.get('iteration')}, {report.get('checkpoint')})"
+        )
+    return 0
+
+
 # ---------------------------------------------------------------------- export
 def _size(num_bytes: int) -> str:
     if num_bytes < 1000:
@@ -587,9 +674,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: train, eval, export or sinusoid")
+        parser.error("choose a command: train, eval, compare, export or sinusoid")
     prog = f"paddlefsl {args.command}"
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export}[args.command]
+    handler = {
+        "train": _cmd_train,
+        "eval": _cmd_eval,
+        "compare": _cmd_compare,
+        "export": _cmd_export,
+    }[args.command]
 
     return _with_clear_errors(prog, lambda: handler(args))
 

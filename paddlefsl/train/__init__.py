@@ -32,7 +32,13 @@ from .errors import (
     NonFiniteLossError,
     RunInUseError,
 )
-from .evaluate import EvalResult, confidence_interval, evaluate
+from .evaluate import (
+    EvalResult,
+    PairedDifference,
+    confidence_interval,
+    evaluate,
+    paired_difference,
+)
 from .metrics import MetricsLog, plot_learning_curve, read_metrics
 from .objectives import CLASSIFICATION, REGRESSION, Objective
 from .presets import PRESETS, Preset, get_preset
@@ -54,6 +60,7 @@ __all__ = [
     "MetricsLog",
     "NonFiniteLossError",
     "Objective",
+    "PairedDifference",
     "Preset",
     "RunInUseError",
     "TrainConfig",
@@ -65,6 +72,7 @@ __all__ = [
     "get_preset",
     "load_checkpoint",
     "load_config",
+    "paired_difference",
     "plot_learning_curve",
     "read_metrics",
     "resolve_checkpoint",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +13,7 @@ import paddle
 
 from .objectives import Objective, adapt, get_objective, infer_task_type
 
-__all__ = ["EvalResult", "confidence_interval", "evaluate"]
+__all__ = ["EvalResult", "PairedDifference", "confidence_interval", "evaluate", "paired_difference"]
 
 
 def confidence_interval(values: Iterable[float]) -> tuple[float, float, float]:
@@ -94,6 +94,85 @@ class EvalResult:
             f"{self.metric} {self.mean:.4f} +- {self.ci95:.4f} (95% CI over "
             f"{self.num_tasks} tasks, {self.inner_steps} inner steps)"
         )
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Per-task difference ``candidate - baseline`` of two evaluations on the same tasks.
+
+    Pairing removes the spread between easy and hard tasks, so the interval is much
+    narrower than the two separate intervals suggest.
+
+    Attributes:
+        mean: Mean of ``candidate - baseline`` (positive: the candidate scores higher).
+        ci95: Half-width of its 95% confidence interval, ``1.96 * std / sqrt(n)``.
+        std: Population standard deviation of the per-task differences.
+        num_tasks: Number of tasks.
+        better: Tasks on which the candidate is better (higher accuracy, lower MSE).
+        worse: Tasks on which it is worse.
+        ties: Tasks with equal scores.
+
+    Example:
+        >>> d = paired_difference([0.9, 1.0, 0.8], [1.0, 1.0, 0.9])
+        >>> round(d.mean, 4), d.better, d.worse, d.ties
+        (0.0667, 2, 0, 1)
+
+    """
+
+    mean: float
+    ci95: float
+    std: float
+    num_tasks: int
+    better: int
+    worse: int
+    ties: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the 95% interval lies entirely on one side of zero."""
+        return abs(self.mean) > self.ci95
+
+
+def paired_difference(
+    baseline: Sequence[float], candidate: Sequence[float], higher_is_better: bool = True
+) -> PairedDifference:
+    """Compare two evaluations task by task (``EvalResult.values`` on the same tasks).
+
+    Args:
+        baseline: Per-task metric of the reference model.
+        candidate: Per-task metric of the model compared with it, in the same task order.
+        higher_is_better: ``True`` for accuracy, ``False`` for MSE (decides ``better``).
+
+    Returns:
+        A :class:`PairedDifference`.
+
+    Raises:
+        ValueError: the two lists differ in length or are empty.
+
+    Example:
+        >>> paired_difference([0.5, 0.6], [0.4, 0.6], higher_is_better=False).better
+        1
+
+    """
+    base = np.asarray(baseline, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if base.shape != cand.shape or base.ndim != 1:
+        raise ValueError(
+            f"paired comparison needs one value per task for the same tasks, got "
+            f"{base.size} and {cand.size} values"
+        )
+    diff = cand - base
+    mean, std, ci95 = confidence_interval(diff)
+    gain = diff if higher_is_better else -diff
+    return PairedDifference(
+        mean,
+        ci95,
+        std,
+        int(diff.size),
+        int((gain > 0).sum()),
+        int((gain < 0).sum()),
+        int((diff == 0).sum()),
+    )
 
 
 def _as_tensors(task: Any) -> tuple[paddle.Tensor, ...]:

@@ -104,6 +104,50 @@ def test_train_resume_eval_end_to_end(capsys, tmp_path):
     assert stepped["by_step"][-1]["mean"] == pytest.approx(stepped["mean"], abs=1e-12)
 
 
+def _eval_report(path, values, **changes):
+    report = {
+        "split": "test",
+        "task_seed": 7,
+        "num_tasks": len(values),
+        "metric": "accuracy",
+        "mean": sum(values) / len(values),
+        "ci95": 0.01,
+        "iteration": 5,
+        "checkpoint": "ckpt",
+        "config": {"dataset": "omniglot", "ways": 5, "shots": 5, "queries": 5},
+        "values": values,
+    }
+    report.update(changes)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "eval_test.json").write_text(json.dumps(report))
+    return path
+
+
+def test_compare_pairs_two_evaluations(capsys, tmp_path):
+    base = _eval_report(tmp_path / "a", [1.0, 0.96, 0.92, 1.0, 0.88])
+    cand = _eval_report(tmp_path / "b", [1.0, 1.0, 0.92, 0.96, 1.0])
+    assert main(["compare", str(base), str(cand / "eval_test.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("test accuracy, candidate - baseline: +2.40 +- ")
+    assert "better on 2, worse on 1, equal on 2" in out[0] and "includes 0" in out[0]
+    assert out[1].startswith("  baseline: 95.20 +- 1.00 (iteration 5")
+
+    other = _eval_report(tmp_path / "c", [1.0] * 5, task_seed=8)
+    line = cli_error(capsys, ["compare", str(base), str(other)])
+    assert "did not score the same tasks (task_seed (7 vs 8))" in line
+    shots = _eval_report(
+        tmp_path / "d",
+        [1.0] * 5,
+        config={"dataset": "omniglot", "ways": 5, "shots": 1, "queries": 5},
+    )
+    assert "shots (5 vs 1)" in cli_error(capsys, ["compare", str(base), str(shots)])
+    line = cli_error(capsys, ["compare", str(base), str(tmp_path / "missing")])
+    assert "missing not found: give an eval_<split>.json" in line
+    (tmp_path / "bad.json").write_text("{")
+    line = cli_error(capsys, ["compare", str(base), str(tmp_path / "bad.json")])
+    assert "not a readable JSON file" in line
+
+
 def test_cosine_schedule_resumes_only_to_its_own_end(capsys, tmp_path):
     from paddlefsl.train import read_metrics
     from paddlefsl.train.checkpoint import load_checkpoint

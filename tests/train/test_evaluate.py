@@ -8,7 +8,7 @@ from train_helpers import SIZE
 from paddlefsl.data import FixedTasks, SinusoidTasks, fixed_tasks
 from paddlefsl.metaopt import ANIL, MAML
 from paddlefsl.models import MLP, Conv4
-from paddlefsl.train import confidence_interval, evaluate
+from paddlefsl.train import confidence_interval, evaluate, paired_difference
 
 
 def test_confidence_interval_formula():
@@ -19,6 +19,25 @@ def test_confidence_interval_formula():
     assert ci == pytest.approx(1.96 * np.std(values) / math.sqrt(4))
     with pytest.raises(ValueError):
         confidence_interval([])
+
+
+def test_paired_difference_against_hand_computed_values():
+    base = [1.0, 0.96, 0.92, 1.0, 0.88]
+    cand = [1.0, 1.0, 0.92, 0.96, 1.0]
+    diff = paired_difference(base, cand)
+    deltas = np.array(cand) - np.array(base)  # 0, .04, 0, -.04, .12
+    assert diff.mean == pytest.approx(0.024)
+    assert diff.std == pytest.approx(np.std(deltas))
+    assert diff.ci95 == pytest.approx(1.96 * np.std(deltas) / math.sqrt(5))
+    assert (diff.better, diff.worse, diff.ties, diff.num_tasks) == (2, 1, 2, 5)
+    assert not diff.excludes_zero  # 0.024 against a half-width of ~0.05
+    # Lower is better for MSE: the same numbers swap "better" and "worse".
+    mse = paired_difference(base, cand, higher_is_better=False)
+    assert (mse.better, mse.worse, mse.mean) == (1, 2, diff.mean)
+    # A constant gain has no spread: the interval excludes zero.
+    assert paired_difference([0.5, 0.6], [0.7, 0.8]).excludes_zero
+    with pytest.raises(ValueError, match="same tasks"):
+        paired_difference([1.0, 0.5], [1.0])
 
 
 def _state(model):
