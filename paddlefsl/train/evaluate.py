@@ -100,8 +100,9 @@ class EvalResult:
 class PairedDifference:
     """Per-task difference ``candidate - baseline`` of two evaluations on the same tasks.
 
-    Pairing removes the spread between easy and hard tasks, so the interval is much
-    narrower than the two separate intervals suggest.
+    This is the interval of the difference itself; the two separate intervals do not give
+    it. It is narrowest when the two models fail on the same tasks (a model and a
+    fine-tuned version of it).
 
     Attributes:
         mean: Mean of ``candidate - baseline`` (positive: the candidate scores higher).
