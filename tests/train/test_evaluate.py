@@ -40,6 +40,13 @@ def test_paired_difference_against_hand_computed_values():
         paired_difference([1.0, 0.5], [1.0])
 
 
+def _tiny_learner(algorithm, seed):
+    paddle.seed(seed)
+    net = Conv4(1, 5, hidden=4, pooling="max", image_size=SIZE)
+    learner = ANIL(net.features, net.head, lr=0.4) if algorithm == "anil" else MAML(net, lr=0.4)
+    return net, learner
+
+
 def _state(model):
     return {k: v.numpy().copy() for k, v in model.state_dict().items()}
 
@@ -47,9 +54,7 @@ def _state(model):
 @pytest.mark.parametrize("algorithm", ["maml", "anil"])
 def test_evaluate_is_deterministic_and_leaves_model_untouched(splits, algorithm):
     _, val = splits
-    paddle.seed(0)
-    net = Conv4(1, 5, hidden=4, pooling="max", image_size=SIZE)
-    learner = ANIL(net.features, net.head, lr=0.4) if algorithm == "anil" else MAML(net, lr=0.4)
+    net, learner = _tiny_learner(algorithm, seed=0)
     learner.eval()
     before = _state(net)
     tasks = fixed_tasks(val, 5, 1, 2, num_tasks=6)
@@ -67,9 +72,7 @@ def test_evaluate_is_deterministic_and_leaves_model_untouched(splits, algorithm)
 @pytest.mark.parametrize("algorithm", ["maml", "anil"])
 def test_evaluate_by_step_scores_every_step_and_keeps_the_result(splits, algorithm):
     _, val = splits
-    paddle.seed(1)
-    net = Conv4(1, 5, hidden=4, pooling="max", image_size=SIZE)
-    learner = ANIL(net.features, net.head, lr=0.4) if algorithm == "anil" else MAML(net, lr=0.4)
+    _, learner = _tiny_learner(algorithm, seed=1)
     tasks = fixed_tasks(val, 5, 1, 2, num_tasks=5)
     plain = evaluate(learner, tasks, inner_steps=3)
     stepped = evaluate(learner, tasks, inner_steps=3, by_step=True)
