@@ -243,20 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
         "MAML reference code does (one extra query pass per step)",
     )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ex = sub.add_parser(
-        "export",
-        help="copy a run's checkpoint into a small folder to share (weights only)",
-        description="Write model.pdparams, best.json and metrics.jsonl of a run's checkpoint "
-        "into a new folder, without the optimizer state, random states or local paths; "
-        "'paddlefsl eval --checkpoint DIR --data-root ...' evaluates it.",
-    )
-    _add_checkpoint_options(
-        ex, "run folder, its checkpoints/ folder, a record .json or a .pdparams", "export"
-    )
-    ex.add_argument("--output", required=True, metavar="DIR", help="the export folder")
-    ex.add_argument(
-        "--force", action="store_true", help="replace a different export already in --output"
-    )
     cmp = sub.add_parser(
         "compare",
         help="paired comparison of two evaluations on the same tasks",
@@ -275,6 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=_SPLITS,
         default="test",
         help="which eval_<split>.json of a folder (default test)",
+    )
+    ex = sub.add_parser(
+        "export",
+        help="copy a run's checkpoint into a small folder to share (weights only)",
+        description="Write model.pdparams, best.json and metrics.jsonl of a run's checkpoint "
+        "into a new folder, without the optimizer state, random states or local paths; "
+        "'paddlefsl eval --checkpoint DIR --data-root ...' evaluates it.",
+    )
+    _add_checkpoint_options(
+        ex, "run folder, its checkpoints/ folder, a record .json or a .pdparams", "export"
+    )
+    ex.add_argument("--output", required=True, metavar="DIR", help="the export folder")
+    ex.add_argument(
+        "--force", action="store_true", help="replace a different export already in --output"
     )
     sub.add_parser(
         "sinusoid",
