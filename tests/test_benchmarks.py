@@ -75,3 +75,22 @@ def test_bench_matmul_compares_both_settings():
         "unlocked"
     ) == 4
     assert all(float(r[-2]) > 0 for r in rows)
+
+
+def test_bench_dispatch_fits_per_op_and_fixed_costs():
+    out = run("bench_dispatch.py", "--layers", "2", "4", "--calls", "3", "--repeat", "1")
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["layers", "ops"]
+    assert [line.split()[:2] for line in lines[1:3]] == [["2", "9"], ["4", "17"]]
+    for mode in ("dygraph", "to_static"):
+        assert any(line.startswith(f"{mode}: ") and "us per op" in line for line in lines), out
+
+
+def test_bench_dispatch_needs_two_chain_lengths():
+    done = subprocess.run(
+        [sys.executable, "bench_dispatch.py", "--layers", "10"],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "at least two --layers" in done.stderr
