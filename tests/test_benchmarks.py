@@ -48,13 +48,15 @@ def test_bench_learners_table_repeats_rounds(tmp_path):
     assert "median of 2 alternating rounds" in out
 
 
-def test_bench_learners_rejects_a_bad_repeat():
-    done = subprocess.run(
-        [sys.executable, "bench_learners.py", "--repeat", "0"],
-        cwd=BENCHMARKS,
-        capture_output=True,
-        text=True,
+def run_failing(*args: str) -> subprocess.CompletedProcess:
+    """Run a benchmark script that should refuse its arguments."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=BENCHMARKS, capture_output=True, text=True, timeout=600
     )
+
+
+def test_bench_learners_rejects_a_bad_repeat():
+    done = run_failing("bench_learners.py", "--repeat", "0")
     assert done.returncode == 2 and "--repeat must be at least 1" in done.stderr
 
 
@@ -87,10 +89,5 @@ def test_bench_dispatch_fits_per_op_and_fixed_costs():
 
 
 def test_bench_dispatch_needs_two_chain_lengths():
-    done = subprocess.run(
-        [sys.executable, "bench_dispatch.py", "--layers", "10"],
-        cwd=BENCHMARKS,
-        capture_output=True,
-        text=True,
-    )
+    done = run_failing("bench_dispatch.py", "--layers", "10")
     assert done.returncode == 2 and "at least two --layers" in done.stderr
