@@ -187,11 +187,13 @@ def _record_query_metric(
     objective: Objective,
     query_x: paddle.Tensor,
     query_y: paddle.Tensor,
+    last_step: int,
     model: Any,
-    _step: int = 0,
+    step: int = 0,
 ) -> None:
-    with paddle.no_grad():
-        scores.append(objective.metric(model(query_x), query_y))
+    if step < last_step:  # the last step's score is the evaluation's own query pass
+        with paddle.no_grad():
+            scores.append(objective.metric(model(query_x), query_y))
 
 
 def evaluate(
@@ -218,8 +220,8 @@ def evaluate(
         progress: Show a tqdm bar.
         by_step: Also score the query set before adaptation and after every step, as
             the MAML reference code reports its test accuracy (``EvalResult.by_step``).
-            It costs one extra query pass per step; the final numbers do not change
-            (a model with dropout draws extra random numbers, though).
+            It costs one extra query pass per step but the last; the final numbers do not
+            change (a model with dropout draws extra random numbers, though).
 
     Returns:
         An :class:`EvalResult` (accuracy for classification, MSE for regression).
@@ -260,7 +262,9 @@ def evaluate(
             scores: list[float] = []
             record = None
             if by_step:
-                record = functools.partial(_record_query_metric, scores, objective, qx, qy)
+                record = functools.partial(
+                    _record_query_metric, scores, objective, qx, qy, inner_steps
+                )
                 record(clone)
             clone = adapt(clone, objective, sx, sy, inner_steps, record)
             with paddle.no_grad():
@@ -268,7 +272,7 @@ def evaluate(
                 losses.append(float(objective.loss(out, qy)))
                 values.append(objective.metric(out, qy))
             if by_step:
-                step_values.append(scores)
+                step_values.append(scores + values[-1:])
             del clone, out, sx, sy, qx, qy  # free each task's graph and tensors promptly
     finally:
         if bar is not None:
