@@ -548,9 +548,12 @@ def _read_eval_report(path_text: str, split: str) -> tuple[Path, dict[str, Any]]
         report = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path} is not a readable JSON file ({err})") from err
-    if not isinstance(report, dict) or not isinstance(report.get("values"), list):
+    fields = ("values", "metric", "mean", "ci95")
+    missing = [k for k in fields if k not in report] if isinstance(report, dict) else list(fields)
+    if missing or not isinstance(report["values"], list):
         raise ConfigError(
-            f"{path} has no per-task 'values'; it was not written by 'paddlefsl eval'"
+            f"{path} lacks {', '.join(missing) or 'a list of per-task values'}; it was not "
+            "written by 'paddlefsl eval'"
         )
     return path, report
 
@@ -573,7 +576,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             f"{base_path} and {cand_path} did not score the same tasks ({detail or 'task count'}); "
             "evaluate both with the same --split and --eval-tasks on the same dataset setting"
         )
-    metric = base["metric"]
+    metric, split = base["metric"], base.get("split", args.split)  # a file names its own split
     diff = paired_difference(base["values"], cand["values"], higher_is_better=metric != "mse")
     scale, unit = (100.0, " points") if metric == "accuracy" else (1.0, "")
     verdict = (
@@ -582,7 +585,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         else "the interval includes 0: no difference shown"
     )
     print(
-        f"{args.split} {metric}, candidate - baseline: {scale * diff.mean:+.2f} +- "
+        f"{split} {metric}, candidate - baseline: {scale * diff.mean:+.2f} +- "
         f"{scale * diff.ci95:.2f}{unit} (95% CI, paired over {diff.num_tasks} tasks; candidate "
         f"better on {diff.better}, worse on {diff.worse}, equal on {diff.ties}); {verdict}"
     )
