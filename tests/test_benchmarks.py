@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import paddle
 import pytest
 
@@ -91,3 +92,44 @@ def test_bench_dispatch_fits_per_op_and_fixed_costs():
 def test_bench_dispatch_needs_two_chain_lengths():
     done = run_failing("bench_dispatch.py", "--layers", "10")
     assert done.returncode == 2 and "at least two --layers" in done.stderr
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_task_batching_prints_three_ways():
+    out = run("bench_task_batching.py", "--tasks", "2", "--repeat", "1")
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [" ".join(r[:-2]) for r in rows] == [
+        "per task",
+        "batched, shared statistics",
+        "batched, per-task statistics",
+    ]
+    assert float(rows[0][-1]) == 1.0 and all(float(r[-2]) > 0 for r in rows)
+
+
+def test_bench_task_batching_workloads_match_bench_learners():
+    batching = _load_benchmark("bench_task_batching").WORKLOADS
+    learners = _load_benchmark("bench_learners").WORKLOADS
+    assert batching.keys() == learners.keys()
+    for name, shape in batching.items():
+        assert shape.items() <= learners[name].items(), name
+
+
+def test_bench_task_batching_per_task_statistics_equal_separate_passes():
+    """The batched per-task-statistics pass is the tasks' own passes, stacked."""
+    bench = _load_benchmark("bench_task_batching")
+    paddle.seed(0)
+    model = bench.Conv4(1, 5, hidden=8, pooling="stride", image_size=28)
+    x = paddle.randn([3 * 4, 1, 28, 28], dtype="float32") * 2 + 0.5
+    batched = bench.features_per_task_statistics(model, x, tasks=3)
+    separate = paddle.concat([model.features(x[i * 4 : (i + 1) * 4]) for i in range(3)])
+    mixed = model.features(x)  # statistics over all tasks: must differ, or the test is void
+    np.testing.assert_allclose(batched.numpy(), separate.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(mixed.numpy() - separate.numpy()).max() > 1e-3
