@@ -130,3 +130,34 @@ def test_run_queue_passes_a_stop_signal_on_and_stops(tmp_path):
     assert lines[-1] == "TERM", lines  # the running train got the signal ...
     commands = [line for line in lines if line.startswith(("train", "eval"))]
     assert commands == lines[:1]  # ... and nothing ran after it
+
+
+def test_runs_report_counts_each_stretch_with_its_own_process_count(tmp_path):
+    report = _runs_report()
+    run = tmp_path / "anneal" / "long"  # nested: named by its path below the root
+    _fake_run(
+        run,
+        3000,
+        [
+            {"iteration": 0, "event": "start", "target": 3000, "nproc": 2},
+            {"iteration": 1000, "elapsed": 3600.0},
+            {"iteration": 1000, "event": "resume"},
+            {"iteration": 1000, "event": "start", "target": 3000, "nproc": 1},
+            {"iteration": 2990, "elapsed": 7000.0},
+        ],
+        nproc=1,
+    )  # the checkpoint's elapsed: 7,200 s
+    (run / "evals" / "test").mkdir(parents=True)
+    (run / "evals" / "test" / "eval_test.json").write_text(
+        json.dumps({"iteration": 3000, "mean": 0.995, "ci95": 0.0012})
+    )
+    (run / "evals" / "unfinished").mkdir()
+    (run / "evals" / "unfinished" / "eval_test.json").write_text("{")
+    assert report.find_runs(tmp_path) == [run]
+    row = report.summarise(run, tmp_path)
+    # 3,600 s on 2 processes, then 3,400 + 200 s on one: 10,800 core-seconds
+    assert row["cpu_hours"] == 3.0 and row["hours"] == 2.0
+    line = report.markdown([row]).splitlines()[2]
+    assert line == (
+        "| anneal/long | 3,000 | 2.0 | 3.0 (2, then 1 proc) | — | 99.50 ± 0.12% (iteration 3,000) |"
+    )

@@ -604,8 +604,14 @@ class MetaTrainer:
         if self.config:
             atomic_write_json(self.output_dir / CONFIG_FILE, self.config)
         if self.metrics is not None:
+            # nproc per segment: a resume may change it, and CPU-hours depend on it
             self.metrics.write(
-                {"iteration": self.iteration, "event": "start", "target": int(iterations)}
+                {
+                    "iteration": self.iteration,
+                    "event": "start",
+                    "target": int(iterations),
+                    "nproc": self.group.world,
+                }
             )
 
     def _best_tags(self, val: EvalResult | None) -> list[str]:

@@ -43,6 +43,8 @@ def _train(output, nproc):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("split") == "train"]
+    # the process count is recorded with each stretch of training (CPU-hours)
+    assert [r["nproc"] for r in rows if r.get("event") == "start"] == [nproc]
     return paddle.load(str(output / "checkpoints" / "iter-0000004.pdparams")), losses
 
 
