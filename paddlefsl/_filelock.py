@@ -32,6 +32,22 @@ def try_lock_exclusive(file: IO[str]) -> bool:
     return True
 
 
+def is_locked(path: str | os.PathLike) -> bool:
+    """Whether a process holds the lock of the existing file ``path`` (checked, not kept).
+
+    Opens the file read-only and tries a shared lock without waiting: that fails only
+    while someone holds the exclusive lock. Without ``fcntl`` it says ``False``.
+    """
+    if fcntl is None:
+        return False
+    with open(path) as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        return False  # closing the file drops the shared lock at once
+
+
 def lock_exclusive(file: IO[str], on_wait: Callable[[], None] | None = None) -> None:
     """Take the exclusive lock on ``file``, waiting for it; ``on_wait()`` first if busy."""
     if try_lock_exclusive(file):

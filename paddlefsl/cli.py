@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``paddlefsl`` command."""
     parser = _Parser(
         prog="paddlefsl",
-        description=f"Meta-learning with paddlefsl: train, evaluate, compare, export, demo. "
+        description=f"Meta-learning with paddlefsl: train, evaluate, compare, status, export, "
+        f"demo. "
         f"Documentation: {DOCS}.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -262,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="test",
         help="which eval_<split>.json of a folder (default test)",
     )
+    st = sub.add_parser(
+        "status",
+        help="where runs stand: training or stopped, iteration, speed, time left, accuracy",
+        description="Read run folders (never written to): whether a process is training "
+        "there, the iteration against the target, iterations/s and time left, the recent "
+        "training loss and metric, the last and best validation, the last checkpoint.",
+    )
+    st.add_argument("runs", nargs="+", metavar="RUN", help="run folder (--output of train)")
+    st.add_argument("--json", action="store_true", help="one JSON object per run instead")
     ex = sub.add_parser(
         "export",
         help="copy a run's checkpoint into a small folder to share (weights only)",
@@ -597,6 +607,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- status
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .train.status import format_status, run_status
+
+    statuses = [run_status(run) for run in args.runs]  # any bad folder stops before output
+    for status in statuses:
+        print(json.dumps(status.to_dict()) if args.json else format_status(status))
+    return 0
+
+
 # ---------------------------------------------------------------------- export
 def _size(num_bytes: int) -> str:
     if num_bytes < 1000:
@@ -677,12 +697,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: train, eval, compare, export or sinusoid")
+        parser.error("choose a command: train, eval, compare, status, export or sinusoid")
     prog = f"paddlefsl {args.command}"
     handler = {
         "train": _cmd_train,
         "eval": _cmd_eval,
         "compare": _cmd_compare,
+        "status": _cmd_status,
         "export": _cmd_export,
     }[args.command]
 

@@ -43,6 +43,7 @@ from .metrics import MetricsLog, plot_learning_curve, read_metrics
 from .objectives import CLASSIFICATION, REGRESSION, Objective
 from .presets import PRESETS, Preset, get_preset
 from .rng import capture_rng_state, restore_rng_state, seed_everything
+from .status import RunStatus, format_status, run_status
 from .trainer import FitResult, MetaTrainer
 
 __all__ = [
@@ -63,12 +64,14 @@ __all__ = [
     "PairedDifference",
     "Preset",
     "RunInUseError",
+    "RunStatus",
     "TrainConfig",
     "build_config",
     "capture_rng_state",
     "confidence_interval",
     "evaluate",
     "export_checkpoint",
+    "format_status",
     "get_preset",
     "load_checkpoint",
     "load_config",
@@ -77,5 +80,6 @@ __all__ = [
     "read_metrics",
     "resolve_checkpoint",
     "restore_rng_state",
+    "run_status",
     "seed_everything",
 ]
