@@ -25,8 +25,9 @@ class MetaSGD(BaseLearner):
     linear in them, so ``d loss / d lr_w = -g * d loss / d w'`` needs no second order.
 
     ``state_dict()`` of the learner holds the model's weights (``module.*``) and the
-    learning rates (``lrs.*``): save the learner, not only the model. The ``paddlefsl``
-    command line trains MAML, FOMAML and ANIL; Meta-SGD is for your own outer loop.
+    learning rates (``lrs.*``): save the learner, not only the model
+    (:class:`~paddlefsl.train.MetaTrainer` checkpoints do). The ``paddlefsl`` command line
+    trains MAML, FOMAML and ANIL; Meta-SGD is for your own outer loop or ``MetaTrainer``.
 
     Args:
         model: any ``paddle.nn.Layer``.

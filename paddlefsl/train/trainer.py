@@ -98,6 +98,19 @@ def _holding_run_folder(method: Any) -> Any:
     return wrapper
 
 
+def _checkpointed_layer(learner: paddle.nn.Layer) -> paddle.nn.Layer:
+    """What checkpoints hold: the wrapped model, or the whole learner.
+
+    The whole learner when it has parameters of its own (MetaSGD's learning rates),
+    which would otherwise be lost on resume.
+    """
+    module = getattr(learner, "module", None)
+    if not isinstance(module, paddle.nn.Layer):
+        return learner
+    of_model = {id(p) for p in module.parameters()}
+    return learner if any(id(p) not in of_model for p in learner.parameters()) else module
+
+
 class MetaTrainer:
     """Meta-trains any learner on any task source with any paddle optimizer.
 
@@ -116,7 +129,9 @@ class MetaTrainer:
     non-finite weights.
 
     Args:
-        learner: A meta-learner (``MAML``, ``ANIL``, or any ``BaseLearner``).
+        learner: A meta-learner (``MAML``, ``ANIL``, ``MetaSGD`` or any ``BaseLearner``).
+            Checkpoints hold its model's state, or the learner's whole state when it has
+            parameters of its own (MetaSGD's learning rates).
         optimizer: Any paddle optimizer over ``learner.parameters()``.
         train_tasks: Task source with ``sample(index) -> Task``.
         meta_batch_size: Tasks per meta-update (B).
@@ -181,7 +196,7 @@ class MetaTrainer:
         self.group = current_group() if group is None else group
         main = self.group.is_main
         self.learner = learner
-        self.model = getattr(learner, "module", learner)
+        self.model = _checkpointed_layer(learner)
         self.optimizer = optimizer
         self.train_tasks = train_tasks
         self.meta_batch_size = int(meta_batch_size)

@@ -316,3 +316,29 @@ def test_a_run_folder_in_use_is_refused_before_anything_is_written(factory, tmp_
     trainer = factory.classification(output_dir=tmp_path)
     assert trainer.resume() == 2 and trainer.fit(4).iteration == 4  # free again
     assert not trainer._run_lock.held  # released after fit, so a later trainer may write
+
+
+def test_metasgd_learning_rates_are_checkpointed_and_resumed_exactly(splits, tmp_path):
+    from paddlefsl.metaopt import MetaSGD
+
+    train, _ = splits
+
+    def make(out, seed=0):
+        paddle.seed(seed)
+        learner = MetaSGD(Conv4(1, 3, hidden=4, pooling="max", image_size=SIZE), lr=0.3)
+        opt = paddle.optimizer.Adam(1e-2, parameters=learner.parameters())
+        sampler = TaskSampler(train, 3, 1, 2, seed=0)
+        return MetaTrainer(learner, opt, sampler, meta_batch_size=2, output_dir=out, progress=False)
+
+    full = make(tmp_path / "full")
+    full.fit(4)
+    rates = [r.numpy() for r in full.learner.lrs]
+    assert not all(np.allclose(r, 0.3) for r in rates)  # the rates did train
+    make(tmp_path / "split").fit(2)
+    second = make(tmp_path / "split", seed=123)  # fresh weights and rates, as a new process
+    assert second.resume() == 2
+    second.fit(4)
+    a, b = params_of(full), params_of(second)
+    assert any(name.startswith("lrs.") for name in a) and a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
