@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -733,6 +734,11 @@ def _with_clear_errors(prog: str, run: Any) -> int:
         _fail(prog, err, code=1)
     except KeyboardInterrupt:
         _fail(prog, "interrupted; the last checkpoint written is kept", code=130)
+    except BrokenPipeError:
+        # The reader went away (`paddlefsl status ... | head`): stop quietly, as the shell's
+        # own tools do, instead of a traceback; later writes go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -111,13 +111,13 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
     warm = next((r for r in rows if r.get("event") == "warm_start"), None)
     status.warm_start_from = warm.get("from_iteration") if warm else None
     if record:
+        state = record.get("state") or {}
         status.iteration = int(record.get("iteration", 0))
-        status.elapsed = (record.get("state") or {}).get("elapsed")
+        status.elapsed = state.get("elapsed")
         saved = _checkpoint_time(record.get("saved_at"))
         status.checkpoint_age = None if saved is None else max(0.0, now - saved)
-        best = record.get("state") or {}
-        if best.get("best_iteration") is not None:
-            status.best = {"iteration": best["best_iteration"], "value": best.get("best_metric")}
+        if state.get("best_iteration") is not None:
+            status.best = {"iteration": state["best_iteration"], "value": state.get("best_metric")}
 
     train = [r for r in rows if r.get("split") == "train"]
     if train:
@@ -169,8 +169,12 @@ def format_status(status: RunStatus) -> str:
         target = f" (target {status.target:,} iterations)" if status.target else ""
         return f"{status.run}: {head}{target}"
     lines = [f"{status.run}: {head}"]
-    done = status.logged_iteration if status.state == "training" else status.iteration
-    done = done if done is not None else status.logged_iteration
+    # while training, the log is ahead of the last checkpoint; otherwise the checkpoint
+    # is where a resume starts
+    order = (status.logged_iteration, status.iteration)
+    if status.state != "training":
+        order = order[::-1]
+    done = next(i for i in order if i is not None)
     progress = f"iteration {done:,}"
     if status.target:
         progress += f" of {status.target:,} ({100 * done / status.target:.0f}%)"
@@ -184,7 +188,7 @@ def format_status(status: RunStatus) -> str:
     if status.recent:
         r = status.recent
         text = f"  train (last {r['rows']} log rows, from iteration {r['from_iteration']:,}): "
-        text += f"loss {r['loss']:.4g}"
+        text += f"loss {_value('loss', r['loss'])}"
         if status.metric:
             text += f", {status.metric} {_value(status.metric, r[status.metric])}"
         lines.append(text)

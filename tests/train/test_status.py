@@ -104,3 +104,29 @@ def test_cli_status_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert "is not a run folder" in line and "--output" in line
     with pytest.raises(ConfigError):
         run_status(tmp_path / "missing")
+
+
+def test_training_before_its_first_log_row_reports_the_checkpoint(tmp_path):
+    _fake_run(tmp_path, [], iteration=200)  # a resumed run that has not logged yet
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    try:
+        text = format_status(run_status(tmp_path))
+    finally:
+        lock.release()
+    assert "training" in text and "iteration 200 of 1,000 (20%)" in text
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`paddlefsl status ... | head`: exit 141 (128 + SIGPIPE), no traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "from paddlefsl.cli import _with_clear_errors\n"
+        "def write():\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "_with_clear_errors('paddlefsl status', write)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr
