@@ -60,8 +60,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "--algorithm",
         choices=ALGORITHMS,
         default=s,
-        help="maml (second order), fomaml (first order) or anil (head-only "
-        "inner loop); default maml",
+        help="maml (second order), fomaml (first order), anil (head-only inner loop) or "
+        "metasgd (a learned learning rate per weight, starting at --inner-lr); default maml",
     )
     p.add_argument("--dataset", choices=DATASETS, default=s, help="default omniglot")
     p.add_argument(
@@ -471,7 +471,7 @@ def _run_training(config: Any, progress: bool, resume: bool) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .runtime import use_cores
     from .train.builders import build_learner, build_tasks, eval_seed
-    from .train.checkpoint import atomic_write_json, load_checkpoint
+    from .train.checkpoint import atomic_write_json, checkpointed_layer, load_checkpoint
     from .train.config import TrainConfig
     from .train.errors import ConfigError
     from .train.evaluate import evaluate
@@ -490,7 +490,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             values[name] = getattr(args, name)
     config = TrainConfig.from_dict(values).validate()
     learner = build_learner(config)
-    ckpt.load_model(learner.module)
+    ckpt.load_model(checkpointed_layer(learner))  # Meta-SGD: its learning rates too
     tasks = build_tasks(config, args.split, num_tasks=config.eval_tasks)
     result = evaluate(
         learner,

@@ -26,8 +26,8 @@ class MetaSGD(BaseLearner):
 
     ``state_dict()`` of the learner holds the model's weights (``module.*``) and the
     learning rates (``lrs.*``): save the learner, not only the model
-    (:class:`~paddlefsl.train.MetaTrainer` checkpoints do). The ``paddlefsl`` command line
-    trains MAML, FOMAML and ANIL; Meta-SGD is for your own outer loop or ``MetaTrainer``.
+    (:class:`~paddlefsl.train.MetaTrainer` checkpoints do; ``paddlefsl train --algorithm
+    metasgd`` trains it from the command line).
 
     Args:
         model: any ``paddle.nn.Layer``.

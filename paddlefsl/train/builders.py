@@ -8,7 +8,7 @@ from typing import Any
 import paddle
 
 from ..data import DEFAULT_EVAL_SEED, FixedTasks, SinusoidTasks, TaskSampler
-from ..metaopt import ANIL, MAML, BaseLearner
+from ..metaopt import ANIL, MAML, BaseLearner, MetaSGD
 from ..models import MLP, Conv4
 from .config import TrainConfig
 from .errors import ConfigError
@@ -72,7 +72,7 @@ def build_model(config: TrainConfig) -> paddle.nn.Layer:
 
 
 def build_learner(config: TrainConfig, model: paddle.nn.Layer | None = None) -> BaseLearner:
-    """MAML / FOMAML / ANIL around ``model`` (built from the config when ``None``).
+    """MAML / FOMAML / ANIL / Meta-SGD around ``model`` (built from the config when ``None``).
 
     With ``network="reference"``, MAML's inner loop leaves the BatchNorm offsets alone
     (cbfinn/maml keeps them out of the adapted weights; the outer loop trains them).
@@ -81,6 +81,8 @@ def build_learner(config: TrainConfig, model: paddle.nn.Layer | None = None) -> 
     if config.algorithm == "anil":
         return ANIL(model.features, model.head, lr=config.inner_lr)
     frozen = model.batch_norm_offsets() if config.network == "reference" else []
+    if config.algorithm == "metasgd":
+        return MetaSGD(model, lr=config.inner_lr, inner_frozen=frozen)
     return MAML(model, lr=config.inner_lr, first_order=config.first_order, inner_frozen=frozen)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointManager",
     "atomic_write_bytes",
+    "checkpointed_layer",
     "export_checkpoint",
     "load_checkpoint",
     "resolve_checkpoint",
@@ -163,6 +164,29 @@ def _unrename_state(state: dict[str, Any], model: paddle.nn.Layer) -> dict[str, 
             )
         out[to_unique[structured] + suffix] = value
     return out
+
+
+def checkpointed_layer(learner: paddle.nn.Layer) -> paddle.nn.Layer:
+    """The layer whose state a checkpoint of ``learner`` holds.
+
+    The wrapped model, or the whole learner when it has parameters of its own
+    (MetaSGD's learning rates), which would otherwise be lost on resume.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.metaopt import MAML, MetaSGD
+        >>> net = paddle.nn.Linear(2, 2)
+        >>> checkpointed_layer(MAML(net, lr=0.1)) is net
+        True
+        >>> sorted(checkpointed_layer(MetaSGD(net)).state_dict())[-1]
+        'module.weight'
+
+    """
+    module = getattr(learner, "module", None)
+    if not isinstance(module, paddle.nn.Layer):
+        return learner
+    of_model = {id(p) for p in module.parameters()}
+    return learner if any(id(p) not in of_model for p in learner.parameters()) else module
 
 
 # ------------------------------------------------------------------ records

@@ -27,7 +27,7 @@ __all__ = [
     "runtime_fields",
 ]
 
-ALGORITHMS = ("maml", "fomaml", "anil")
+ALGORITHMS = ("maml", "fomaml", "anil", "metasgd")
 DATASETS = ("omniglot", "miniimagenet", "sinusoid")
 
 #: Fields that shape the network: a warm start needs the same values.
@@ -78,7 +78,8 @@ class TrainConfig:
     """Everything that defines a meta-training run (saved as ``config.json``).
 
     Attributes:
-        algorithm: ``"maml"``, ``"fomaml"`` (first-order MAML) or ``"anil"``.
+        algorithm: ``"maml"``, ``"fomaml"`` (first-order MAML), ``"anil"`` or
+            ``"metasgd"`` (a learned learning rate per weight, starting at ``inner_lr``).
         dataset: ``"omniglot"``, ``"miniimagenet"`` or ``"sinusoid"``.
         ways: Classes per task (1 for sinusoid).
         shots: Support examples per class (points per sinusoid task).

@@ -17,7 +17,12 @@ from typing import Any
 import paddle
 
 from ..data import MetaBatchLoader
-from .checkpoint import CheckpointManager, atomic_write_json, load_checkpoint
+from .checkpoint import (
+    CheckpointManager,
+    atomic_write_json,
+    checkpointed_layer,
+    load_checkpoint,
+)
 from .config import CONFIG_FILE, MODEL_FIELDS, config_diff, runtime_fields
 from .distributed import Group, current_group
 from .errors import CheckpointError, ConfigMismatchError, NonFiniteLossError
@@ -96,19 +101,6 @@ def _holding_run_folder(method: Any) -> Any:
             lock.release()
 
     return wrapper
-
-
-def _checkpointed_layer(learner: paddle.nn.Layer) -> paddle.nn.Layer:
-    """What checkpoints hold: the wrapped model, or the whole learner.
-
-    The whole learner when it has parameters of its own (MetaSGD's learning rates),
-    which would otherwise be lost on resume.
-    """
-    module = getattr(learner, "module", None)
-    if not isinstance(module, paddle.nn.Layer):
-        return learner
-    of_model = {id(p) for p in module.parameters()}
-    return learner if any(id(p) not in of_model for p in learner.parameters()) else module
 
 
 class MetaTrainer:
@@ -196,7 +188,7 @@ class MetaTrainer:
         self.group = current_group() if group is None else group
         main = self.group.is_main
         self.learner = learner
-        self.model = _checkpointed_layer(learner)
+        self.model = checkpointed_layer(learner)
         self.optimizer = optimizer
         self.train_tasks = train_tasks
         self.meta_batch_size = int(meta_batch_size)

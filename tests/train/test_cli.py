@@ -2,6 +2,7 @@ import json
 import sys
 import types
 
+import numpy as np
 import pytest
 from train_helpers import SINUSOID_TRAIN, cli_error
 
@@ -269,3 +270,26 @@ def test_init_from_errors_name_the_problem(capsys, tmp_path):
     wider[wider.index("--hidden") + 1] = "16"
     line = cli_error(capsys, wider)
     assert "hidden (saved 8, given 16)" in line and "cannot start from" in line
+
+
+def test_metasgd_trains_resumes_evaluates_and_exports(capsys, tmp_path):
+    """The learned learning rates travel with the checkpoints, the export and the eval."""
+    from paddlefsl.train import load_checkpoint
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    argv = SINUSOID + ["--algorithm", "metasgd", "--output", str(run)]
+    assert main(argv) == 0
+    assert (
+        main(["train", "--resume", "--output", str(run), "--iterations", "6", "--no-progress"]) == 0
+    )
+    saved = load_checkpoint(run, which="last")
+    rates = {k: v.numpy() for k, v in saved.model_state.items() if k.startswith("lrs.")}
+    assert rates and not all(np.allclose(r, 0.01) for r in rates.values())  # they trained
+    assert main(["export", "--checkpoint", str(run), "--which", "last", "--output", str(out)]) == 0
+    evaluate = ["--eval-tasks", "5", "--no-progress"]
+    assert main(["eval", "--checkpoint", str(run), "--which", "last", *evaluate]) == 0
+    assert main(["eval", "--checkpoint", str(out), *evaluate]) == 0
+    capsys.readouterr()
+    original = json.loads((run / "eval_test.json").read_text())
+    exported = json.loads((out / "eval_test.json").read_text())
+    assert exported["values"] == original["values"] and original["config"]["algorithm"] == "metasgd"
