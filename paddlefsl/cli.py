@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -528,6 +529,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"{result.inner_steps} inner steps, iteration {ckpt.iteration}){paper}; "
         f"written to {out_file}"
     )
+    if not math.isfinite(result.mean):
+        print(
+            f"warning: the {result.metric} is not finite: the adapted models diverge with "
+            f"{result.inner_steps} inner steps; try fewer (--inner-steps-test, '--by-step' "
+            "shows the metric after each step)",
+            file=sys.stderr,
+        )
     if result.by_step:
         steps = ", ".join(
             f"{row['step']}: {scale * row['mean']:.2f} +- {scale * row['ci95']:.2f}"

@@ -293,6 +293,13 @@ def build_config(preset: str | None = None, **options: Any) -> tuple[TrainConfig
     values["preset"] = preset
     if values.get("queries") is None:
         values["queries"] = 15 if dataset == "miniimagenet" else values.get("shots", 1)
+    if values.get("algorithm") == "metasgd" and "inner_steps_test" not in {
+        *preset_values,
+        *options,
+    }:
+        # Learned per-weight rates fit the number of steps they were trained with (Li et
+        # al. test with the training steps); ten steps of them diverge on sinusoids.
+        values["inner_steps_test"] = values.get("inner_steps", TrainConfig.inner_steps)
     config = TrainConfig(**values).validate()
     return config, set(preset_values) | set(options)
 

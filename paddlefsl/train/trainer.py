@@ -219,6 +219,7 @@ class MetaTrainer:
         self._last_saved: int | None = None
         self._last_checkpoint: str | None = None
         self._validated_at: int | None = None
+        self._warned_non_finite_val = False
         self._elapsed = 0.0
 
     # ------------------------------------------------------------------ resume
@@ -405,6 +406,19 @@ class MetaTrainer:
             "classification" if result.metric == "accuracy" else "regression"
         )
         self._validated_at = self.iteration
+        if not math.isfinite(result.mean) and not self._warned_non_finite_val:
+            # Training goes on (its own loss is finite), but no "best" checkpoint can be
+            # chosen; say why once rather than leave a silent NaN in metrics.jsonl.
+            self._warned_non_finite_val = True
+            if self.group.is_main:
+                print(
+                    f"warning: validation {result.metric} is {result.mean} at iteration "
+                    f"{self.iteration} with {result.inner_steps} inner steps: the adapted "
+                    "models diverge at test time. Fewer test steps (--inner-steps-test) or a "
+                    "smaller inner learning rate would avoid it; no best checkpoint is chosen "
+                    "while it lasts.",
+                    file=sys.stderr,
+                )
         if self.metrics is not None:
             self.metrics.write(
                 {

@@ -293,3 +293,21 @@ def test_metasgd_trains_resumes_evaluates_and_exports(capsys, tmp_path):
     original = json.loads((run / "eval_test.json").read_text())
     exported = json.loads((out / "eval_test.json").read_text())
     assert exported["values"] == original["values"] and original["config"]["algorithm"] == "metasgd"
+
+
+def test_eval_warns_when_the_adapted_models_diverge(capsys, tmp_path, monkeypatch):
+    from paddlefsl.train import EvalResult
+
+    evaluate_module = sys.modules["paddlefsl.train.evaluate"]  # the package's name is a function
+
+    run = str(tmp_path / "run")
+    assert main(SINUSOID + ["--output", run]) == 0
+    nan = float("nan")
+
+    def diverged(learner, tasks, inner_steps, task_type=None, **kwargs):
+        return EvalResult("mse", nan, nan, nan, 2, nan, inner_steps, [nan, nan])
+
+    monkeypatch.setattr(evaluate_module, "evaluate", diverged)
+    assert main(["eval", "--checkpoint", run, "--eval-tasks", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the mse is not finite" in err and "--inner-steps-test" in err

@@ -151,3 +151,13 @@ def test_cosine_meta_lr_anneals_to_zero_over_the_run():
     assert opt.get_lr() == pytest.approx(0.0, abs=1e-12)  # after the last iteration
     constant = build_optimizer(build_config(dataset="sinusoid")[0], build_learner(cfg))
     assert isinstance(constant._learning_rate, float)
+
+
+def test_metasgd_tests_with_its_training_steps_unless_told():
+    # Its learned rates fit the trained step count; ten sinusoid steps of them diverge.
+    assert build_config(dataset="sinusoid", algorithm="maml")[0].inner_steps_test == 10
+    assert build_config(dataset="sinusoid", algorithm="metasgd")[0].inner_steps_test == 1
+    cfg, _ = build_config(dataset="sinusoid", algorithm="metasgd", inner_steps=2)
+    assert cfg.inner_steps_test == 2
+    cfg, _ = build_config(dataset="sinusoid", algorithm="metasgd", inner_steps_test=5)
+    assert cfg.inner_steps_test == 5

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 
@@ -342,3 +343,18 @@ def test_metasgd_learning_rates_are_checkpointed_and_resumed_exactly(splits, tmp
     assert any(name.startswith("lrs.") for name in a) and a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_non_finite_validation_is_reported_once(factory, monkeypatch, capsys):
+    import paddlefsl.train.trainer as trainer_module
+
+    def diverged(learner, tasks, inner_steps, task_type=None, **kwargs):
+        return EvalResult("mse", float("nan"), float("nan"), float("nan"), 2, float("nan"), 10)
+
+    monkeypatch.setattr(trainer_module, "evaluate", diverged)
+    trainer = factory.regression()
+    for _ in range(2):
+        assert math.isnan(trainer.validate().mean)
+    err = capsys.readouterr().err
+    assert err.count("warning: validation mse is nan") == 1, err
+    assert "--inner-steps-test" in err
