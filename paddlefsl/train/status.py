@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._filelock import is_locked
-from .checkpoint import CHECKPOINT_DIR
+from .checkpoint import CHECKPOINT_DIR, EXPORT_RECORD_FILE
 from .config import CONFIG_FILE
 from .errors import ConfigError
 from .metrics import METRICS_FILE, read_metrics
@@ -31,7 +31,9 @@ class RunStatus:
         run: The run folder.
         state: ``"training"`` (a process holds the run's lock), ``"finished"`` (the last
             checkpoint reached the target), ``"stopped"`` (neither: resume it),
-            ``"non-finite"`` (stopped on a NaN / inf loss) or ``"not started"``.
+            ``"non-finite"`` (stopped on a NaN / inf loss), ``"exported"`` (a folder of
+            ``paddlefsl export``), ``"stopped before its first checkpoint"`` or
+            ``"not started"``.
         pid: The training process, when ``state`` is ``"training"``.
         iteration: Iteration of the last checkpoint (what a resume continues from).
         logged_iteration: Iteration of the last training row of ``metrics.jsonl``.
@@ -104,6 +106,11 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
     rows = read_metrics(metrics_path)
     config = _read_json(config_path) or {}
     record = _read_json(run / CHECKPOINT_DIR / "last.json") or {}
+    exported = False
+    if not record:  # a folder of `paddlefsl export` holds its record at the top
+        export = _read_json(run / EXPORT_RECORD_FILE) or {}
+        exported = "exported_from" in export
+        record = export if exported else {}
     status = RunStatus(run=str(run), state="not started")
 
     starts = [r for r in rows if r.get("event") == "start"]
@@ -146,9 +153,13 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
             status.seconds_left = max(0, status.target - done) / status.iters_per_sec
     elif events and events[-1].get("event") == "non_finite":
         status.state, status.message = "non-finite", events[-1].get("message")
+    elif exported:
+        status.state = "exported"
     elif status.iteration is not None:
         finished = status.target is not None and status.iteration >= status.target
         status.state = "finished" if finished else "stopped"
+    elif status.logged_iteration is not None:
+        status.state = "stopped before its first checkpoint"
     return status
 
 
@@ -164,6 +175,10 @@ def format_status(status: RunStatus) -> str:
         "training": f"training (pid {status.pid})" if status.pid else "training",
         "stopped": "stopped; continue with: paddlefsl train --resume --output " + status.run,
         "non-finite": "stopped on a non-finite loss; the last good checkpoint is kept",
+        "exported": "an export (weights only): evaluate it, or start a new run from it with "
+        "--init-from",
+        "stopped before its first checkpoint": "stopped before its first checkpoint: "
+        "nothing to resume; start it again",
     }.get(status.state, status.state)
     if status.iteration is None and status.logged_iteration is None:
         target = f" (target {status.target:,} iterations)" if status.target else ""

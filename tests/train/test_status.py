@@ -130,3 +130,15 @@ def test_a_closed_pipe_ends_the_command_quietly():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_export_and_a_run_killed_before_its_first_checkpoint(tmp_path, capsys):
+    run, export, early = tmp_path / "run", tmp_path / "export", tmp_path / "early"
+    assert main(SINUSOID_TRAIN + ["--output", str(run)]) == 0
+    assert main(["export", "--checkpoint", str(run), "--output", str(export)]) == 0
+    capsys.readouterr()
+    s = run_status(export)
+    assert s.state == "exported" and s.iteration == 4
+    assert "an export (weights only)" in format_status(s)
+    _fake_run(early, _train_rows(300))  # metrics, but no checkpoint yet
+    assert run_status(early).state == "stopped before its first checkpoint"
