@@ -272,7 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         "there, the iteration against the target, iterations/s and time left, the recent "
         "training loss and metric, the last and best validation, the last checkpoint.",
     )
-    st.add_argument("runs", nargs="+", metavar="RUN", help="run folder (--output of train)")
+    st.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run folder (--output of train), or a folder holding run folders",
+    )
     st.add_argument("--json", action="store_true", help="one JSON object per run instead")
     ex = sub.add_parser(
         "export",
@@ -618,9 +623,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- status
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .train.status import format_status, run_status
+    from .train.status import find_runs, format_status, run_status
 
-    statuses = [run_status(run) for run in args.runs]  # any bad folder stops before output
+    # a folder of runs stands for the runs in it; any bad folder stops before any output
+    statuses = [run_status(run) for folder in args.runs for run in find_runs(folder)]
     for status in statuses:
         print(json.dumps(status.to_dict()) if args.json else format_status(status))
     return 0

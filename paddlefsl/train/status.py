@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .metrics import METRICS_FILE, read_metrics
 from .runlock import LOCK_FILE
 
-__all__ = ["RunStatus", "run_status", "format_status"]
+__all__ = ["RunStatus", "find_runs", "format_status", "run_status"]
 
 #: Training rows averaged for the "recent" loss and metric.
 RECENT_ROWS = 10
@@ -97,7 +97,7 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
     """
     run = Path(run_dir)
     metrics_path, config_path = run / METRICS_FILE, run / CONFIG_FILE
-    if not run.is_dir() or not (metrics_path.is_file() or config_path.is_file()):
+    if not run.is_dir() or not is_run_folder(run):
         raise ConfigError(
             f"{run} is not a run folder (no {METRICS_FILE} or {CONFIG_FILE}); give the "
             f"--output folder of 'paddlefsl train'"
@@ -161,6 +161,46 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
     elif status.logged_iteration is not None:
         status.state = "stopped before its first checkpoint"
     return status
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a run (or an export): a metrics file or a configuration."""
+    return (folder / METRICS_FILE).is_file() or (folder / CONFIG_FILE).is_file()
+
+
+def find_runs(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` itself if it is a run folder, else the run folders below it, sorted.
+
+    Folders inside a run folder (its ``evals/``, ``checkpoints/``) are not searched.
+
+    Raises:
+        ConfigError: ``folder`` is neither a run folder nor holds one.
+
+    Example:
+        >>> import tempfile
+        >>> from paddlefsl.train import MetricsLog
+        >>> root = Path(tempfile.mkdtemp())
+        >>> MetricsLog(root / "b" / "run").write({"iteration": 0, "event": "start"})
+        >>> [p.relative_to(root).as_posix() for p in find_runs(root)]
+        ['b/run']
+
+    """
+    root = Path(folder)
+    if root.is_dir() and is_run_folder(root):
+        return [root]
+    found: list[Path] = []
+    if root.is_dir():
+        for path, dirs, _ in os.walk(root):
+            if is_run_folder(Path(path)):
+                found.append(Path(path))
+                dirs.clear()  # nothing of interest inside a run
+            dirs.sort()
+    if not found:
+        raise ConfigError(
+            f"{root} is not a run folder and holds none (no {METRICS_FILE} or {CONFIG_FILE} "
+            f"in it or below); give the --output folder of 'paddlefsl train'"
+        )
+    return sorted(found)
 
 
 def format_status(status: RunStatus) -> str:

@@ -142,3 +142,18 @@ def test_an_export_and_a_run_killed_before_its_first_checkpoint(tmp_path, capsys
     assert "an export (weights only)" in format_status(s)
     _fake_run(early, _train_rows(300))  # metrics, but no checkpoint yet
     assert run_status(early).state == "stopped before its first checkpoint"
+
+
+def test_a_folder_of_runs_stands_for_its_runs(tmp_path, capsys):
+    _fake_run(tmp_path / "b" / "second", _train_rows(200), iteration=200)
+    _fake_run(tmp_path / "a", _train_rows(1000), iteration=1000)
+    (tmp_path / "a" / "evals" / "x").mkdir(parents=True)  # not searched: inside a run
+    (tmp_path / "a" / "evals" / "x" / "metrics.jsonl").write_text("")
+    (tmp_path / "empty").mkdir()
+    assert main(["status", str(tmp_path)]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    second = tmp_path / "b" / "second"
+    resume = f"continue with: paddlefsl train --resume --output {second}"
+    assert heads == [f"{tmp_path / 'a'}: finished", f"{second}: stopped; {resume}"]
+    line = cli_error(capsys, ["status", str(tmp_path / "empty")])
+    assert "holds none" in line
