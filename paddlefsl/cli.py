@@ -200,9 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``paddlefsl`` command."""
     parser = _Parser(
         prog="paddlefsl",
-        description=f"Meta-learning with paddlefsl: train, evaluate, compare, status, export, "
-        f"demo. "
-        f"Documentation: {DOCS}.",
+        description="Meta-learning with paddlefsl: train, evaluate, compare, status, export, "
+        f"demo. Documentation: {DOCS}.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     train = sub.add_parser(

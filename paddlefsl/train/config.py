@@ -298,7 +298,8 @@ def build_config(preset: str | None = None, **options: Any) -> tuple[TrainConfig
         *options,
     }:
         # Learned per-weight rates fit the number of steps they were trained with (Li et
-        # al. test with the training steps); ten steps of them diverge on sinusoids.
+        # al., 2017, adapt "in just one step"); ten steps of one-step rates diverge on
+        # sinusoids (docs/concepts.md).
         values["inner_steps_test"] = values.get("inner_steps", TrainConfig.inner_steps)
     config = TrainConfig(**values).validate()
     return config, set(preset_values) | set(options)
