@@ -49,6 +49,8 @@ class RunStatus:
         last_val: The last validation row.
         best: ``{"iteration", "value"}`` of the best validation so far (the ``best``
             checkpoint).
+        test: ``{"iteration", "metric", "mean", "ci95", "num_tasks"}`` of the
+            ``eval_test.json`` that ``paddlefsl eval`` wrote into the run folder, if any.
         message: The error of a ``non_finite`` stop.
 
     """
@@ -68,6 +70,7 @@ class RunStatus:
     recent: dict[str, Any] = field(default_factory=dict)
     last_val: dict[str, Any] | None = None
     best: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
     message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +146,10 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
             status.recent[status.metric] = _mean(r.get(status.metric) for r in recent)
     vals = [r for r in rows if r.get("split") == "val"]
     status.last_val = vals[-1] if vals else None
+    report = _read_json(run / "eval_test.json") or {}
+    if {"iteration", "metric", "mean", "ci95"} <= set(report):
+        keys = ("iteration", "metric", "mean", "ci95", "num_tasks")
+        status.test = {k: report.get(k) for k in keys}
 
     pid = _training_pid(run)
     events = [r for r in rows if "event" in r]
@@ -256,6 +263,12 @@ def format_status(status: RunStatus) -> str:
         if status.best and status.best.get("value") is not None:
             text += f"; best {_value(metric, status.best['value'])} at {status.best['iteration']:,}"
         lines.append(text)
+    if status.test is not None:
+        t = status.test
+        lines.append(
+            f"  test ({t['num_tasks']} tasks, eval_test.json): {t['metric']} "
+            f"{_value(t['metric'], t['mean'], t['ci95'])} at iteration {t['iteration']:,}"
+        )
     saved = []
     if status.iteration is not None:
         saved.append(f"last checkpoint at iteration {status.iteration:,}")

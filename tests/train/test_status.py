@@ -97,6 +97,13 @@ def test_cli_status_of_a_real_run_and_json(tmp_path, capsys):
     assert main(["status", str(run), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["state"] == "finished" and data["iteration"] == 4 and data["metric"] == "mse"
+    assert data["test"] is None
+    assert main(["eval", "--checkpoint", str(run), "--eval-tasks", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    report = json.loads((run / "eval_test.json").read_text())
+    assert main(["status", str(run)]) == 0
+    line = f"  test (3 tasks, eval_test.json): mse {report['mean']:.4g} ± {report['ci95']:.2g}"
+    assert line + f" at iteration {report['iteration']:,}" in capsys.readouterr().out
 
 
 def test_cli_status_of_a_folder_that_is_no_run(tmp_path, capsys):
