@@ -28,8 +28,10 @@ def sgd_update(
     out = {}
     for name, p in params.items():
         g = grads.get(name)
-        step = lr[name] if isinstance(lr, Mapping) else lr
-        out[name] = p if g is None else p - step * g
+        if g is None:
+            out[name] = p  # no rate needed (an lr mapping may leave such weights out)
+        else:
+            out[name] = p - (lr[name] if isinstance(lr, Mapping) else lr) * g
     return out
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 import paddle
 
 from .base import BaseLearner, RunningStats
+from .maml import sgd_update
 
 __all__ = ["MetaSGD"]
 
@@ -95,12 +96,7 @@ class MetaSGD(BaseLearner):
         grads: Mapping[str, paddle.Tensor | None],
     ) -> dict[str, paddle.Tensor]:
         """``w - lr_w * g`` for every weight with a gradient; the others stay."""
-        lrs = self.learning_rates()
-        out = {}
-        for name, p in params.items():
-            g = grads.get(name)
-            out[name] = p if g is None else p - lrs[name] * g
-        return out
+        return sgd_update(params, grads, self.learning_rates())
 
     def extra_repr(self) -> str:
         return f"learning rates for {len(self._lr_names)} tensors, " + super().extra_repr()
