@@ -136,6 +136,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default=s,
         help="Omniglot class split (default maml)",
     )
+    group.add_argument(
+        "--omniglot-antialias",
+        action="store_const",
+        const=True,
+        default=s,
+        help="resize Omniglot in greyscale (smooth edges, as torchvision loaders do) "
+        "instead of cbfinn/maml's binary nearest-neighbour images",
+    )
     group = p.add_argument_group("run")
     group.add_argument(
         "--eval-every", type=int, default=s, help="validate every N iterations (0: at the end only)"

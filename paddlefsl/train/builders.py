@@ -133,6 +133,7 @@ def build_dataset(config: TrainConfig, split: str) -> Any:
             scheme=config.omniglot_scheme,
             image_size=config.image_size,
             rotations=True,
+            antialias=config.omniglot_antialias,
         )
     if config.dataset == "miniimagenet":
         from ..data import MiniImageNet

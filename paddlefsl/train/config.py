@@ -103,6 +103,9 @@ class TrainConfig:
             trains (the inner loop does not adapt them), Xavier-uniform convolutions
             and, with strided convolutions, a standard-normal head.
         omniglot_scheme: Omniglot class split, ``"maml"`` or ``"vinyals"``.
+        omniglot_antialias: Resize Omniglot's 1-bit originals in greyscale (smooth
+            edges, as torchvision-based loaders such as learn2learn's do) instead of
+            cbfinn/maml's binary nearest-neighbour images (see :class:`~paddlefsl.data.Omniglot`).
         eval_every: Validate every N iterations (0: only at the end).
         checkpoint_every: Save the ``last`` checkpoint every N iterations (0: at the end).
         log_every: Write a training row to ``metrics.jsonl`` every N iterations.
@@ -144,6 +147,7 @@ class TrainConfig:
     image_size: int = 28
     network: str = "default"
     omniglot_scheme: str = "maml"
+    omniglot_antialias: bool = False
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 10
@@ -217,6 +221,15 @@ class TrainConfig:
                 or value <= 0
             ):
                 raise ConfigError(f"{_flag(name)} must be a positive number (got {value!r})")
+        if not isinstance(self.omniglot_antialias, bool):
+            raise ConfigError(
+                f"--omniglot-antialias must be true or false (got {self.omniglot_antialias!r})"
+            )
+        if self.omniglot_antialias and self.dataset != "omniglot":
+            raise ConfigError(
+                f"--omniglot-antialias applies to --dataset omniglot only (got "
+                f"{self.dataset}); drop it"
+            )
         if self.init_from is not None and (
             not isinstance(self.init_from, str) or not self.init_from.strip()
         ):

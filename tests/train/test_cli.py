@@ -311,3 +311,15 @@ def test_eval_warns_when_the_adapted_models_diverge(capsys, tmp_path, monkeypatc
     assert main(["eval", "--checkpoint", run, "--eval-tasks", "2", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "warning: the mse is not finite" in err and "--inner-steps-test" in err
+
+
+def test_omniglot_antialias_flag_reaches_the_config(tmp_path):
+    from paddlefsl.cli import _train_config, build_parser
+
+    def config(*extra):
+        argv = ["train", "--preset", "maml-omniglot-5w1s", *extra]
+        argv += ["--data-root", str(tmp_path), "--output", str(tmp_path / "r")]
+        return _train_config(build_parser().parse_args(argv))
+
+    assert config("--omniglot-antialias").omniglot_antialias is True
+    assert config().omniglot_antialias is False

@@ -161,3 +161,34 @@ def test_metasgd_tests_with_its_training_steps_unless_told():
     assert cfg.inner_steps_test == 2
     cfg, _ = build_config(dataset="sinusoid", algorithm="metasgd", inner_steps_test=5)
     assert cfg.inner_steps_test == 5
+
+
+def test_omniglot_antialias_is_off_by_default_and_omniglot_only():
+    assert build_config("maml-omniglot-5w5s")[0].omniglot_antialias is False
+    cfg, given = build_config("maml-omniglot-5w5s", omniglot_antialias=True)
+    assert cfg.omniglot_antialias is True and "omniglot_antialias" in given
+    with pytest.raises(ConfigError, match="--omniglot-antialias applies to --dataset omniglot"):
+        build_config("maml-miniimagenet-5w1s", omniglot_antialias=True)
+    with pytest.raises(ConfigError, match="--omniglot-antialias must be true or false"):
+        build_config("maml-omniglot-5w5s", omniglot_antialias="yes")
+    # A config saved before the field existed loads with the old preprocessing.
+    saved = build_config("maml-omniglot-5w5s")[0].to_dict()
+    del saved["omniglot_antialias"]
+    assert TrainConfig.from_dict(saved).omniglot_antialias is False
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_build_dataset_passes_omniglot_antialias(monkeypatch, tmp_path, flag):
+    import paddlefsl.data
+    from paddlefsl.train.builders import build_dataset
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, root, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(paddlefsl.data, "Omniglot", Recorder)
+    cfg, _ = build_config("maml-omniglot-5w1s", omniglot_antialias=flag, data_root=str(tmp_path))
+    build_dataset(cfg, "test")
+    assert seen["antialias"] is flag and seen["split"] == "test"
