@@ -106,6 +106,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default=s,
         help="constant (default, the papers') or cosine: annealed to 0 at --iterations",
     )
+    group.add_argument(
+        "--meta-grad-clip",
+        type=float,
+        default=s,
+        help="clip each meta-gradient element to [-C, C] (0: off; miniImageNet default: "
+        "cbfinn/maml's clip, 10 * shots / (ways * queries) on the mean loss)",
+    )
     group.add_argument("--iterations", type=int, default=s, help="meta-updates in the run")
     group.add_argument("--seed", type=int, default=s, help="initialisation and task seed")
     group = p.add_argument_group("model")

@@ -92,12 +92,16 @@ def build_optimizer(config: TrainConfig, learner: BaseLearner) -> paddle.optimiz
     With ``meta_lr_schedule="cosine"`` the learning rate is a
     ``paddle.optimizer.lr.CosineAnnealingDecay`` from ``meta_lr`` to 0 over
     ``iterations``; the trainer steps it once per meta-update and checkpoints it with
-    the optimizer.
+    the optimizer. With ``meta_grad_clip`` every element of the meta-gradient is clipped
+    to ``[-meta_grad_clip, meta_grad_clip]`` first (after the processes' all-reduce).
     """
     lr: float | paddle.optimizer.lr.LRScheduler = config.meta_lr
     if config.meta_lr_schedule == "cosine":
         lr = paddle.optimizer.lr.CosineAnnealingDecay(config.meta_lr, T_max=config.iterations)
-    return paddle.optimizer.Adam(learning_rate=lr, parameters=learner.parameters())
+    clip = None
+    if config.meta_grad_clip:
+        clip = paddle.nn.ClipGradByValue(max=config.meta_grad_clip, min=-config.meta_grad_clip)
+    return paddle.optimizer.Adam(learning_rate=lr, parameters=learner.parameters(), grad_clip=clip)
 
 
 def _require_root(config: TrainConfig) -> Path:

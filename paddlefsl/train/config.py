@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ConfigMismatchError
-from .presets import DATASET_DEFAULTS, get_preset
+from .presets import DATASET_DEFAULTS, get_preset, reference_meta_grad_clip
 
 __all__ = [
     "ALGORITHMS",
@@ -92,6 +92,11 @@ class TrainConfig:
         meta_lr: Adam learning rate of the meta-update.
         meta_lr_schedule: ``"constant"`` (the papers') or ``"cosine"``: annealed from
             ``meta_lr`` to 0 over ``iterations`` (which a resume may then not change).
+        meta_grad_clip: Clip every element of the meta-gradient to ``[-c, c]`` before
+            the optimizer step; ``None`` or 0: no clipping. Unset on miniImageNet, it
+            resolves to cbfinn/maml's clip (``[-10, 10]`` on its summed loss, which is
+            ``ways * queries / shots`` times paddlefsl's mean loss):
+            ``10 * shots / (ways * queries)``.
         iterations: Meta-updates in the whole run.
         seed: Seed of the model initialisation and of the training task stream.
         hidden: Conv4 channels, or the width of the two sinusoid MLP layers.
@@ -140,6 +145,7 @@ class TrainConfig:
     inner_lr: float = 2.0
     meta_lr: float = 1e-3
     meta_lr_schedule: str = "constant"
+    meta_grad_clip: float | None = None
     iterations: int = 60000
     seed: int = 0
     hidden: int = 64
@@ -230,6 +236,16 @@ class TrainConfig:
                 f"--omniglot-antialias applies to --dataset omniglot only (got "
                 f"{self.dataset}); drop it"
             )
+        clip = self.meta_grad_clip
+        if clip is not None and (
+            isinstance(clip, bool)
+            or not isinstance(clip, (int, float))
+            or not math.isfinite(clip)
+            or clip < 0
+        ):
+            raise ConfigError(
+                f"--meta-grad-clip must be a number >= 0 (0: no clipping; got {clip!r})"
+            )
         if self.init_from is not None and (
             not isinstance(self.init_from, str) or not self.init_from.strip()
         ):
@@ -306,6 +322,10 @@ def build_config(preset: str | None = None, **options: Any) -> tuple[TrainConfig
     values["preset"] = preset
     if values.get("queries") is None:
         values["queries"] = 15 if dataset == "miniimagenet" else values.get("shots", 1)
+    if dataset == "miniimagenet" and values.get("meta_grad_clip") is None:
+        values["meta_grad_clip"] = reference_meta_grad_clip(
+            values.get("ways", TrainConfig.ways), values.get("shots", 1), values["queries"]
+        )
     if values.get("algorithm") == "metasgd" and "inner_steps_test" not in {
         *preset_values,
         *options,

@@ -19,6 +19,8 @@ Sources (every number below was checked against them):
   15 during training (``update_batch_size+15``); sinusoid ``--metatrain_iterations=70000``,
   ``meta_batch_size=25``, 10 test-time steps.
   ``data_generator.py``: Omniglot 28x28, 1,100 / 100 / 423 characters, rotations.
+  ``maml.py`` (line 147-148): for MiniImagenet only, every element of the meta-gradient
+  is clipped to [-10, 10] before Adam's step (``tf.clip_by_value(grad, -10, 10)``).
 * [MAML-loss] cbfinn/maml ``utils.py`` ``xent`` (a7f45f1, unchanged since the first
   commit): the loss of each example is its softmax cross-entropy divided by K
   (``update_batch_size``), and ``maml.py`` takes ``tf.gradients`` of that per-example
@@ -51,7 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DATASET_DEFAULTS", "PRESETS", "Preset", "get_preset"]
+__all__ = ["DATASET_DEFAULTS", "PRESETS", "Preset", "get_preset", "reference_meta_grad_clip"]
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,26 @@ PRESETS: dict[str, Preset] = {
         _BATCH_NOTE,
     ),
 }
+
+
+#: cbfinn/maml's MiniImagenet meta-gradient clip, on its own (summed) loss [MAML-code].
+REFERENCE_CLIP = 10.0
+
+
+def reference_meta_grad_clip(ways: int, shots: int, queries: int) -> float:
+    """cbfinn/maml's miniImageNet meta-gradient clip, in units of paddlefsl's mean loss.
+
+    The reference clips each element of the gradient of its outer loss to [-10, 10]
+    [MAML-code]. That loss sums ``cross-entropy / shots`` over the ``ways * queries``
+    query examples of a task (then averages the tasks) [MAML-loss], so it is ``ways *
+    queries / shots`` times paddlefsl's mean cross-entropy, and so is its gradient.
+
+    Example:
+        >>> round(reference_meta_grad_clip(ways=5, shots=1, queries=15), 4)
+        0.1333
+
+    """
+    return REFERENCE_CLIP * shots / (ways * queries)
 
 
 def get_preset(name: str) -> Preset:

@@ -192,3 +192,58 @@ def test_build_dataset_passes_omniglot_antialias(monkeypatch, tmp_path, flag):
     cfg, _ = build_config("maml-omniglot-5w1s", omniglot_antialias=flag, data_root=str(tmp_path))
     build_dataset(cfg, "test")
     assert seen["antialias"] is flag and seen["split"] == "test"
+
+
+def test_miniimagenet_resolves_the_reference_meta_gradient_clip():
+    from paddlefsl.train.presets import reference_meta_grad_clip
+
+    # cbfinn/maml clips its summed loss's gradient at 10; that loss is ways*queries/shots
+    # times the mean loss: 75 times for 5-way 1-shot, 15 times for 5-shot (15 queries).
+    assert build_config("maml-miniimagenet-5w1s")[0].meta_grad_clip == pytest.approx(10 / 75)
+    assert build_config("anil-miniimagenet-5w5s")[0].meta_grad_clip == pytest.approx(10 / 15)
+    assert build_config(dataset="miniimagenet")[0].meta_grad_clip == pytest.approx(10 / 75)
+    # Overriding the task shape rescales it; explicit values and 0 (off) are kept.
+    cfg, _ = build_config("maml-miniimagenet-5w1s", shots=5, queries=10)
+    assert cfg.meta_grad_clip == pytest.approx(reference_meta_grad_clip(5, 5, 10)) == 1.0
+    assert build_config("maml-miniimagenet-5w1s", meta_grad_clip=0.5)[0].meta_grad_clip == 0.5
+    assert build_config("maml-miniimagenet-5w1s", meta_grad_clip=0)[0].meta_grad_clip == 0
+    # The reference clips only miniImageNet.
+    assert build_config("maml-omniglot-5w5s")[0].meta_grad_clip is None
+    assert build_config(dataset="sinusoid")[0].meta_grad_clip is None
+    with pytest.raises(ConfigError, match="--meta-grad-clip must be a number >= 0"):
+        build_config("maml-omniglot-5w5s", meta_grad_clip=-1.0)
+    # Runs saved before the field existed resume without clipping, as they trained.
+    saved = build_config("maml-miniimagenet-5w1s")[0].to_dict()
+    del saved["meta_grad_clip"]
+    assert TrainConfig.from_dict(saved).meta_grad_clip is None
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_build_optimizer_clips_each_meta_gradient_element(clip):
+    import numpy as np
+    import paddle
+
+    from paddlefsl.train.builders import build_learner, build_optimizer
+
+    cfg, _ = build_config(dataset="sinusoid", meta_grad_clip=clip, meta_lr=0.01)
+    learner = build_learner(cfg)
+    params = [p for p in learner.parameters() if not p.stop_gradient]
+    start = [p.numpy().astype(np.float64) for p in params]
+    opt = build_optimizer(cfg, learner)
+    rng = np.random.default_rng(0)
+    grads = [[rng.standard_normal(p.shape) * 3 for p in params] for _ in range(2)]
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = paddle.to_tensor(g.astype(np.float32))
+        opt.step()
+        opt.clear_grad()
+    # Adam (beta 0.9 / 0.999, eps 1e-8) on the clipped gradients, in float64.
+    for p, w0, g1, g2 in zip(params, start, *grads):
+        if clip is not None:
+            g1, g2 = np.clip(g1, -clip, clip), np.clip(g2, -clip, clip)
+        m = v = 0.0
+        w = w0
+        for t, g in enumerate((g1, g2), start=1):
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+            w = w - 0.01 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        np.testing.assert_allclose(p.numpy(), w, rtol=1e-5, atol=1e-6)
