@@ -146,7 +146,12 @@ class BaseLearner(paddle.nn.Layer):
             new.__dict__["_fast"] = dict(self._fast)
             source_stats = self._stats or running_statistics(self.module)
         if self.running_stats == "isolated":
-            new.__dict__["_stats"] = {name: t.clone() for name, t in source_stats.items()}
+            # An uninitialised buffer holds nothing to isolate: a fused RNN's dropout
+            # state (paddle.nn.GRU / LSTM / SimpleRNN), which has no memory on the CPU
+            # and cannot be cloned.
+            new.__dict__["_stats"] = {
+                name: t.clone() if t._is_initialized() else t for name, t in source_stats.items()
+            }
         else:
             new.__dict__["_stats"] = {}
         return new
