@@ -21,7 +21,7 @@ Example:
 
 """
 
-from . import activation, bias, conv, layers, loss, norm, pool, reduce  # noqa: F401
+from . import activation, bias, conv, layers, loss, norm, pool, reduce, rnn  # noqa: F401
 from ._registry import (
     in_second_order_scope,
     in_whole_gradient_scope,
