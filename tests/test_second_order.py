@@ -120,7 +120,35 @@ LAYERS = {
     "layernorm": lambda: nn.LayerNorm(8),
     "dropout_p0": lambda: nn.Dropout(0.0),
     "layernorm_no_affine": lambda: nn.LayerNorm(8, weight_attr=False, bias_attr=False),
+    # Rebuilt from double-differentiable ops inside second-order scope (ops/pointwise.py).
+    "prelu": lambda: nn.PReLU(),
+    "prelu_channel": lambda: nn.PReLU(8, init=0.1),
+    "selu": lambda: nn.SELU(),
+    "relu6": lambda: nn.ReLU6(),
+    "hardtanh": lambda: nn.Hardtanh(-0.5, 0.7),
+    "hardsigmoid": lambda: nn.Hardsigmoid(),
+    "hardswish": lambda: nn.Hardswish(),
+    "swish": lambda: nn.Swish(),
+    "mish": lambda: nn.Mish(),
+    "logsigmoid": lambda: nn.LogSigmoid(),
+    "softsign": lambda: nn.Softsign(),
+    "tanhshrink": lambda: nn.Tanhshrink(),
+    "softshrink": lambda: nn.Softshrink(0.2),
+    "thresholded_relu": lambda: nn.ThresholdedReLU(0.1),
+    "l2_normalize": lambda: _Normalize(2.0),
+    "l3_normalize": lambda: _Normalize(3.0),
 }
+
+
+class _Normalize(nn.Layer):
+    """``F.normalize`` (``p_norm``, then a division by ``maximum(norm, eps)``)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return 3.0 * nn.functional.normalize(x, p=self.p, axis=-1)
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -132,6 +160,77 @@ def test_vector_layers(layer):
         MAML(model, lr=0.3), nn.CrossEntropyLoss(), (x, y), (x, y), steps=2, rtol=RTOL
     )
     _assert_exact(report)
+
+
+POINTWISE = {  # name: (layer, input shape); shapes with distinct sizes expose a wrong axis
+    "prelu": (lambda: nn.PReLU(init=0.3), [3, 4]),
+    "prelu_channel_nchw": (lambda: nn.PReLU(5, init=0.2), [3, 5, 6, 7]),
+    "prelu_channel_nhwc": (lambda: nn.PReLU(7, init=0.2, data_format="NHWC"), [3, 5, 6, 7]),
+    "prelu_channel_ncl": (lambda: nn.PReLU(5, init=0.2, data_format="NCL"), [3, 5, 6]),
+    "selu": (lambda: nn.SELU(), [3, 4]),
+    "relu6": (lambda: nn.ReLU6(), [3, 4]),
+    "hardtanh": (lambda: nn.Hardtanh(-0.5, 0.7), [3, 4]),
+    "hardsigmoid": (lambda: nn.Hardsigmoid(), [3, 4]),
+    "hardswish": (lambda: nn.Hardswish(), [3, 4]),
+    "swish": (lambda: nn.Swish(), [3, 4]),
+    "mish": (lambda: nn.Mish(), [3, 4]),
+    "logsigmoid": (lambda: nn.LogSigmoid(), [3, 4]),
+    "softsign": (lambda: nn.Softsign(), [3, 4]),
+    "tanhshrink": (lambda: nn.Tanhshrink(), [3, 4]),
+    "softshrink": (lambda: nn.Softshrink(0.2), [3, 4]),
+    "thresholded_relu": (lambda: nn.ThresholdedReLU(0.1), [3, 4]),
+    "l2_normalize": (lambda: _Normalize(2.0), [3, 4, 5]),
+    "l1_5_normalize": (lambda: _Normalize(1.5), [3, 4, 5]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+def test_pointwise_replacements_match_the_native_kernels(float64, name):
+    """Inside second-order scope the rebuilt ops give the native values and gradients."""
+    from paddlefsl import ops
+
+    ops.install()
+    build, shape = POINTWISE[name]
+    paddle.seed(3)
+    layer = build()
+    x = paddle.randn(shape) * 3.0  # reaches past the kinks of ReLU6, Hardswish, ...
+    x.stop_gradient = False
+    params = [p for p in layer.parameters() if not p.stop_gradient]
+    results = []
+    for scoped in (False, True):
+        if scoped:
+            with ops.second_order_scope():
+                y = layer(x)
+        else:
+            y = layer(x)
+        weights = paddle.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size
+        grads = paddle.grad((y * weights).sum(), [x, *params], create_graph=scoped)
+        results.append([y, *grads])
+    # The scoped gradient can be differentiated again (the native one cannot).
+    (hx,) = paddle.grad((grads[0] * grads[0]).sum(), [x])
+    assert bool(paddle.isfinite(hx).all())
+    native, ours = results
+    for a, b in zip(native, ours):
+        # Paddle keeps float attributes (0.7, 1/6, SELU's constants) in float32, which
+        # SELU's gradient (out + scale * alpha, near 0) turns into 1e-8 absolute errors.
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-7, atol=1e-7, err_msg=name)
+
+
+def test_transposed_convolution_fails_at_the_forward_pass_with_the_way_out():
+    """Paddle records conv2d_transpose's double gradient but has no CPU kernel for it."""
+    from paddlefsl import ops
+
+    assert "conv2d_transpose" not in ops.patched_ops()
+    model = nn.Sequential(nn.Conv2DTranspose(2, 3, 3), nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    maml = MAML(model, lr=0.1)
+    x, y = paddle.randn([4, 2, 6, 6]), _labels(4)
+    learner = maml.clone()
+    with pytest.raises(SecondOrderUnsupportedError, match="'conv2d_transpose'.*first_order"):
+        learner(x)
+    learner = maml.clone(first_order=True)
+    learner.adapt(nn.functional.cross_entropy(learner(x), y))
+    nn.functional.cross_entropy(learner(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 IMAGE_LAYERS = {
@@ -146,6 +245,8 @@ IMAGE_LAYERS = {
     "groupnorm": (lambda: nn.GroupNorm(2, 4), 64),
     "groupnorm_no_affine": (lambda: nn.GroupNorm(2, 4, weight_attr=False, bias_attr=False), 64),
     "batchnorm2d_no_affine": (lambda: nn.BatchNorm2D(4, weight_attr=False, bias_attr=False), 64),
+    "prelu_channel_nchw": (lambda: nn.PReLU(4, init=0.1), 64),
+    "prelu_channel_nhwc": (lambda: nn.PReLU(4, init=0.1, data_format="NHWC"), 64),
 }
 
 

@@ -21,7 +21,19 @@ Example:
 
 """
 
-from . import activation, bias, conv, layers, loss, norm, pool, reduce, rnn  # noqa: F401
+from . import (  # noqa: F401
+    activation,
+    bias,
+    conv,
+    layers,
+    loss,
+    norm,
+    pointwise,
+    pool,
+    reduce,
+    rnn,
+    unsupported,
+)
 from ._registry import (
     in_second_order_scope,
     in_whole_gradient_scope,

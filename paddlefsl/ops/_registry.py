@@ -39,6 +39,8 @@ _NATIVE: dict[str, Callable] = {}
 # plain Python functions of Paddle's API, replaced where the op-level patch cannot see
 # enough (a conv's bias is added by a separate op after the convolution)
 _PY_FACTORIES: dict[tuple[str, str], tuple[Callable[[Callable], Callable], tuple[str, ...]]] = {}
+# names whose replacement only raises a clear error (not listed by patched_ops)
+_GUARDS: set[str] = set()
 # (module, attribute, original) for every slot that install() overwrote
 _SLOTS: list[tuple[object, str, Callable]] = []
 _LOCK = threading.Lock()
@@ -52,12 +54,20 @@ def _rebindable(module_name: str) -> bool:
     )
 
 
-def register(name: str) -> Callable[[Callable[[Callable], Callable]], Callable]:
-    """Register ``factory(native) -> replacement`` for the eager op ``paddle._C_ops.<name>``."""
+def register(
+    name: str, *, guard: bool = False
+) -> Callable[[Callable[[Callable], Callable]], Callable]:
+    """Register ``factory(native) -> replacement`` for the eager op ``paddle._C_ops.<name>``.
+
+    ``guard=True`` marks a replacement that only raises a clear error where the native op
+    would fail later; :func:`patched_ops` does not list those.
+    """
 
     def decorate(factory: Callable[[Callable], Callable]) -> Callable:
         _FACTORIES[name] = factory
         _NATIVE[name] = getattr(_C_ops, name)
+        if guard:
+            _GUARDS.add(name)
         return factory
 
     return decorate
@@ -86,7 +96,7 @@ def native(name: str) -> Callable:
 
 def patched_ops() -> list[str]:
     """Names of the ``paddle._C_ops`` entry points that paddlefsl makes double-differentiable."""
-    return sorted(_FACTORIES)
+    return sorted(set(_FACTORIES) - _GUARDS)
 
 
 def is_installed() -> bool:

@@ -1,0 +1,104 @@
+"""Activations and norms without a double gradient, rebuilt from ops that have one.
+
+Paddle 3.3.1 raises on the second derivative of PReLU, SELU, ReLU6, Hardtanh,
+Hardsigmoid, Hardswish, Swish, Mish, LogSigmoid, Softsign, Tanhshrink, Softshrink,
+ThresholdedReLU and of ``p_norm`` (behind ``F.normalize``, the cosine classifiers of
+few-shot heads). Inside :func:`~paddlefsl.ops.second_order_scope` each of them is computed
+from ``relu``, ``sigmoid``, ``tanh``, ``exp``, ``log``, products and sums, which Paddle can
+differentiate any number of times; the piecewise-linear ones become sums of shifted ReLUs
+(``relu6(x) = relu(x) - relu(x - 6)``), exact everywhere but at the kinks. Outside the
+scope the native kernels run, so forward values and first-order passes are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import paddle
+import paddle.nn.functional as F
+
+from ._common import tracks_grad
+from ._registry import in_second_order_scope, register
+
+Tensor = paddle.Tensor
+
+
+def _abs(x: Tensor) -> Tensor:
+    return F.relu(x) + F.relu(-x)
+
+
+def softplus(x: Tensor) -> Tensor:
+    """``log(1 + exp(x))`` without overflow: ``relu(x) + log(1 + exp(-|x|))``."""
+    return F.relu(x) + paddle.log(1.0 + paddle.exp(-_abs(x)))
+
+
+def _clip(x: Tensor, low: float, high: float) -> Tensor:
+    return low + F.relu(x - low) - F.relu(x - high)
+
+
+def _prelu(x: Tensor, weight: Tensor, data_format: str, mode: str) -> Tensor:
+    if mode == "channel":
+        shape = [1] * x.ndim
+        shape[1 if data_format == "NCHW" else x.ndim - 1] = -1
+        weight = weight.reshape(shape)
+    return F.relu(x) - weight * F.relu(-x)
+
+
+def _p_norm(x: Tensor, porder: float, axis: int, epsilon: float, keepdim: bool, asvector: bool):
+    if asvector:
+        x, axis = x.reshape([-1]), 0
+    if porder == 2.0:
+        return paddle.sqrt((x * x).sum(axis, keepdim=keepdim))
+    return paddle.pow(paddle.pow(_abs(x), porder).sum(axis, keepdim=keepdim), 1.0 / porder)
+
+
+# name -> formula(x, *attributes); the attributes are those of the _C_ops entry point.
+_FORMULAS: dict[str, Callable[..., Tensor]] = {
+    "relu6": lambda x: _clip(x, 0.0, 6.0),
+    "hardtanh": lambda x, low, high: _clip(x, low, high),
+    "hardsigmoid": lambda x, slope, offset: _clip(x * slope + offset, 0.0, 1.0),
+    "hardswish": lambda x: x * _clip(x + 3.0, 0.0, 6.0) / 6.0,
+    "swish": lambda x: x * F.sigmoid(x),
+    "mish": lambda x, threshold: x * paddle.tanh(softplus(x)),
+    "logsigmoid": lambda x: -softplus(-x),
+    "softsign": lambda x: x / (1.0 + _abs(x)),
+    "tanh_shrink": lambda x: x - paddle.tanh(x),
+    "softshrink": lambda x, threshold: F.relu(x - threshold) - F.relu(-x - threshold),
+    "selu": lambda x, scale, alpha: scale * (F.relu(x) + alpha * (paddle.exp(-F.relu(-x)) - 1.0)),
+    "thresholded_relu": lambda x, threshold, value: (
+        x * (x > threshold).astype(x.dtype) + value * (x <= threshold).astype(x.dtype)
+    ),
+    "prelu": _prelu,
+    "p_norm": _p_norm,
+}
+
+
+# Attribute values the formulas cover; others go to the native op.
+_COVERED: dict[str, Callable[[tuple], bool]] = {
+    # F.prelu passes "all" or "channel"; "element" comes only from direct _C_ops calls.
+    "prelu": lambda args: args[-1] in ("all", "channel"),
+    # p = inf, -inf and 0 are maxima, minima and counts, not power sums.
+    "p_norm": lambda args: isinstance(args[0], (int, float)) and 0 < args[0] < float("inf"),
+}
+
+
+def _make(name: str, formula: Callable[..., Tensor]) -> None:
+    @register(name)
+    def factory(native_fn: Callable) -> Callable:
+        def op(x, *args, **kwargs):
+            tensors = [a for a in args if isinstance(a, Tensor)]
+            if (
+                kwargs
+                or not in_second_order_scope()
+                or not isinstance(x, Tensor)
+                or not tracks_grad(x, *tensors)
+                or (name in _COVERED and not _COVERED[name](args))
+            ):
+                return native_fn(x, *args, **kwargs)
+            return formula(x, *args)
+
+        return op
+
+
+for _name, _formula in _FORMULAS.items():
+    _make(_name, _formula)
