@@ -162,7 +162,7 @@ def test_vector_layers(layer):
     _assert_exact(report)
 
 
-POINTWISE = {  # name: (layer, input shape); shapes with distinct sizes expose a wrong axis
+REBUILT = {  # name: (layer, input shape); shapes with distinct sizes expose a wrong axis
     "prelu": (lambda: nn.PReLU(init=0.3), [3, 4]),
     "prelu_channel_nchw": (lambda: nn.PReLU(5, init=0.2), [3, 5, 6, 7]),
     "prelu_channel_nhwc": (lambda: nn.PReLU(7, init=0.2, data_format="NHWC"), [3, 5, 6, 7]),
@@ -181,16 +181,44 @@ POINTWISE = {  # name: (layer, input shape); shapes with distinct sizes expose a
     "thresholded_relu": (lambda: nn.ThresholdedReLU(0.1), [3, 4]),
     "l2_normalize": (lambda: _Normalize(2.0), [3, 4, 5]),
     "l1_5_normalize": (lambda: _Normalize(1.5), [3, 4, 5]),
+    # Linear rearrangements and resampling (ops/spatial.py).
+    "nearest_x2": (lambda: nn.Upsample(scale_factor=2), [2, 3, 4, 5]),
+    "nearest_x1_5_x2_5": (lambda: nn.Upsample(scale_factor=[1.5, 2.5]), [2, 3, 4, 5]),
+    "nearest_size_down": (lambda: nn.Upsample(size=[3, 2]), [2, 3, 4, 5]),
+    "nearest_nhwc": (lambda: nn.Upsample(scale_factor=2, data_format="NHWC"), [2, 4, 5, 3]),
+    "bilinear_x2": (lambda: nn.Upsample(scale_factor=2, mode="bilinear"), [2, 3, 4, 5]),
+    "bilinear_size": (lambda: nn.Upsample(size=[7, 3], mode="bilinear"), [2, 3, 4, 5]),
+    "bilinear_align_corners": (
+        lambda: nn.Upsample(size=[7, 9], mode="bilinear", align_corners=True),
+        [2, 3, 4, 5],
+    ),
+    "bilinear_align_mode_1": (
+        lambda: nn.Upsample(scale_factor=1.7, mode="bilinear", align_mode=1),
+        [2, 3, 4, 5],
+    ),
+    "bilinear_nhwc": (
+        lambda: nn.Upsample(scale_factor=[2.5, 1.5], mode="bilinear", data_format="NHWC"),
+        [2, 4, 5, 3],
+    ),
+    "pixel_shuffle": (lambda: nn.PixelShuffle(2), [2, 8, 3, 4]),
+    "pixel_shuffle_nhwc": (lambda: nn.PixelShuffle(2, data_format="NHWC"), [2, 3, 4, 8]),
+    "channel_shuffle": (lambda: nn.ChannelShuffle(3), [2, 6, 3, 4]),
+    "channel_shuffle_nhwc": (lambda: nn.ChannelShuffle(2, data_format="NHWC"), [2, 3, 4, 6]),
+    "unfold": (lambda: nn.Unfold([2, 3]), [2, 3, 5, 6]),
+    "unfold_strided_padded_dilated": (
+        lambda: nn.Unfold([2, 2], strides=2, paddings=[1, 0, 2, 1], dilations=2),
+        [2, 3, 6, 7],
+    ),
 }
 
 
-@pytest.mark.parametrize("name", sorted(POINTWISE))
-def test_pointwise_replacements_match_the_native_kernels(float64, name):
+@pytest.mark.parametrize("name", sorted(REBUILT))
+def test_rebuilt_ops_match_the_native_kernels(float64, name):
     """Inside second-order scope the rebuilt ops give the native values and gradients."""
     from paddlefsl import ops
 
     ops.install()
-    build, shape = POINTWISE[name]
+    build, shape = REBUILT[name]
     paddle.seed(3)
     layer = build()
     x = paddle.randn(shape) * 3.0  # reaches past the kinks of ReLU6, Hardswish, ...
@@ -245,6 +273,11 @@ IMAGE_LAYERS = {
     "groupnorm": (lambda: nn.GroupNorm(2, 4), 64),
     "groupnorm_no_affine": (lambda: nn.GroupNorm(2, 4, weight_attr=False, bias_attr=False), 64),
     "batchnorm2d_no_affine": (lambda: nn.BatchNorm2D(4, weight_attr=False, bias_attr=False), 64),
+    "upsample_nearest": (lambda: nn.Upsample(scale_factor=2), 256),
+    "upsample_bilinear": (lambda: nn.Upsample(scale_factor=1.5, mode="bilinear"), 144),
+    "pixel_shuffle": (lambda: nn.PixelShuffle(2), 64),
+    "channel_shuffle": (lambda: nn.ChannelShuffle(2), 64),
+    "unfold": (lambda: nn.Unfold([2, 2]), 144),
     "prelu_channel_nchw": (lambda: nn.PReLU(4, init=0.1), 64),
     "prelu_channel_nhwc": (lambda: nn.PReLU(4, init=0.1, data_format="NHWC"), 64),
 }

@@ -32,6 +32,7 @@ from . import (  # noqa: F401
     pool,
     reduce,
     rnn,
+    spatial,
     unsupported,
 )
 from ._registry import (

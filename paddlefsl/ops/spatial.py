@@ -1,0 +1,175 @@
+"""Resampling and rearranging layers in second order: Upsample, PixelShuffle, Unfold.
+
+Paddle 3.3.1 has no double gradient for ``nearest_interp`` / ``bilinear_interp``
+(``nn.Upsample``, ``F.interpolate``), ``pixel_shuffle``, ``channel_shuffle`` and ``unfold``.
+All of them are linear in their input, so inside :func:`~paddlefsl.ops.second_order_scope`
+they are rebuilt from ops whose gradients are linear too: interpolation as gathers along
+the height and width axes with constant weights (the source indices and weights computed
+as Paddle's CPU kernel computes them, in float32), the shuffles as reshapes and
+transposes, and ``unfold`` as a padded convolution with one-hot filters. Outside the scope,
+and for the cases not covered (5-D inputs, sizes given as tensors, bicubic), the native
+kernels run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ._common import tracks_grad
+from ._registry import in_second_order_scope, register
+
+Tensor = paddle.Tensor
+
+
+def _source(
+    size_in: int,
+    size_out: int,
+    scale: float,
+    align_corners: bool,
+    method: str,
+    align_mode: int,
+    height: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per output position: two source indices and their weights, as the kernel has them.
+
+    Paddle's CPU kernel computes the ratio (from a scale given in double) and the weights
+    in float32, and the half-pixel source positions in double along the height but in
+    float32 along the width (measured against the kernel); the same arithmetic here gives
+    the same indices and weights.
+    """
+    f32 = np.float32
+    ratio = f32(0.0)
+    if size_out > 1:
+        per_step = f32(1.0 / scale) if scale > 0 else f32(size_in) / f32(size_out)
+        ratio = f32(size_in - 1) / f32(size_out - 1) if align_corners else per_step
+    k = np.arange(size_out)
+    if method == "nearest":
+        first = (ratio * k.astype(f32) + (f32(0.5) if align_corners else f32(0))).astype(np.int64)
+        ones = np.ones(size_out, dtype=f32)
+        return first, first, ones, np.zeros(size_out, dtype=f32)
+    half_pixel = align_mode == 0 and not align_corners
+    if height:
+        exact = np.float64(ratio) * (k + 0.5) - 0.5
+        centre = exact.astype(f32)
+    else:
+        exact = centre = ratio * (k.astype(f32) + f32(0.5)) - f32(0.5)
+    scaled = ratio * k.astype(f32)
+    first = np.maximum((exact if half_pixel else scaled).astype(np.int64), 0)
+    second = np.minimum(first + 1, size_in - 1)
+    if half_pixel:
+        weight = np.maximum(centre, f32(0)) - first.astype(f32)
+    else:
+        weight = scaled - first.astype(f32)
+    return first, second, (f32(1) - weight).astype(f32), weight.astype(f32)
+
+
+def _resample_axis(x: Tensor, axis: int, source: tuple, method: str) -> Tensor:
+    first, second, w_first, w_second = source
+    out = paddle.gather(x, paddle.to_tensor(first), axis=axis)
+    if method == "nearest":
+        return out
+    shape = [1] * x.ndim
+    shape[axis] = -1
+
+    def weights(w: np.ndarray) -> Tensor:
+        return paddle.to_tensor(w, dtype=x.dtype).reshape(shape)
+
+    return out * weights(w_first) + paddle.gather(x, paddle.to_tensor(second), axis=axis) * weights(
+        w_second
+    )
+
+
+def _interpolate(method: str) -> Callable:
+    def formula(x, out_size, size_tensor, scale_tensor, layout, out_d, out_h, out_w, scale,
+                interp_method, align_corners, align_mode):  # fmt: skip
+        h_axis, w_axis = (2, 3) if layout == "NCHW" else (1, 2)
+        size = [x.shape[h_axis], x.shape[w_axis]]
+        scales = list(scale) if scale else [-1.0, -1.0]
+        if len(scales) == 1:
+            scales = scales * 2
+        out = [out_h, out_w]
+        for i in range(2):
+            if out[i] <= 0:
+                out[i] = int(size[i] * scales[i])
+        for axis, n_in, n_out, s, height in zip((h_axis, w_axis), size, out, scales, (1, 0)):
+            source = _source(n_in, n_out, s, align_corners, method, align_mode, bool(height))
+            x = _resample_axis(x, axis, source, method)
+        return x
+
+    return formula
+
+
+def _interp_covered(args: tuple, x: Tensor) -> bool:
+    out_size, size_tensor, scale_tensor, layout = args[:4]
+    return (
+        x.ndim == 4
+        and layout in ("NCHW", "NHWC")
+        and out_size is None
+        and size_tensor is None
+        and scale_tensor is None
+    )
+
+
+def _pixel_shuffle(x: Tensor, factor: int, data_format: str) -> Tensor:
+    if data_format == "NHWC":
+        x = x.transpose([0, 3, 1, 2])
+    n, c, h, w = x.shape
+    out = x.reshape([n, c // (factor * factor), factor, factor, h, w])
+    out = out.transpose([0, 1, 4, 2, 5, 3]).reshape(
+        [n, c // (factor * factor), h * factor, w * factor]
+    )
+    return out.transpose([0, 2, 3, 1]) if data_format == "NHWC" else out
+
+
+def _channel_shuffle(x: Tensor, groups: int, data_format: str) -> Tensor:
+    axis = 1 if data_format == "NCHW" else 3
+    shape = list(x.shape)
+    split = shape[:axis] + [groups, shape[axis] // groups] + shape[axis + 1 :]
+    order = list(range(len(split)))
+    order[axis], order[axis + 1] = order[axis + 1], order[axis]
+    return x.reshape(split).transpose(order).reshape(shape)
+
+
+def _unfold(x: Tensor, kernel_sizes, strides, paddings, dilations) -> Tensor:
+    n, c, _, _ = x.shape
+    kh, kw = kernel_sizes
+    top, left, bottom, right = paddings
+    eye = paddle.eye(kh * kw, dtype=x.dtype).reshape([kh * kw, 1, kh, kw])
+    planes = F.pad(x.reshape([n * c, 1, *x.shape[2:]]), [left, right, top, bottom])
+    cols = F.conv2d(planes, eye, stride=list(strides), dilation=list(dilations))
+    return cols.reshape([n, c * kh * kw, -1])
+
+
+# name -> (formula(x, *attributes), covered(attributes, x))
+_OPS: dict[str, tuple[Callable[..., Tensor], Callable[[tuple, Tensor], bool]]] = {
+    "nearest_interp": (_interpolate("nearest"), _interp_covered),
+    "bilinear_interp": (_interpolate("bilinear"), _interp_covered),
+    "pixel_shuffle": (_pixel_shuffle, lambda args, x: x.ndim == 4),
+    "channel_shuffle": (_channel_shuffle, lambda args, x: x.ndim == 4),
+    "unfold": (_unfold, lambda args, x: x.ndim == 4 and len(args[2]) == 4),
+}
+
+
+def _make(name: str, formula: Callable[..., Tensor], covered: Callable) -> None:
+    @register(name)
+    def factory(native_fn: Callable) -> Callable:
+        def op(x, *args, **kwargs):
+            if (
+                kwargs
+                or not in_second_order_scope()
+                or not isinstance(x, Tensor)
+                or not tracks_grad(x)
+                or not covered(args, x)
+            ):
+                return native_fn(x, *args, **kwargs)
+            return formula(x, *args)
+
+        return op
+
+
+for _name, (_formula, _covered) in _OPS.items():
+    _make(_name, _formula, _covered)
