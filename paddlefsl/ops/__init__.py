@@ -27,6 +27,7 @@ from . import (  # noqa: F401
     conv,
     layers,
     loss,
+    losses,
     norm,
     pointwise,
     pool,

@@ -7,7 +7,9 @@ few-shot heads). Inside :func:`~paddlefsl.ops.second_order_scope` each of them i
 from ``relu``, ``sigmoid``, ``tanh``, ``exp``, ``log``, products and sums, which Paddle can
 differentiate any number of times; the piecewise-linear ones become sums of shifted ReLUs
 (``relu6(x) = relu(x) - relu(x - 6)``), exact everywhere but at the kinks. Outside the
-scope the native kernels run, so forward values and first-order passes are untouched.
+scope the native kernels run, so forward values and first-order passes are untouched;
+``logsigmoid`` and ``p_norm``, which built-in losses use outside any learner call, take
+their formulas whenever a gradient is tracked.
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ _COVERED: dict[str, Callable[[tuple], bool]] = {
 }
 
 
+# Also used by built-in losses (MultiLabelSoftMarginLoss, TripletMarginLoss), which the
+# user computes outside the learner's call and so outside second-order scope: these two
+# take the formula whenever a gradient is tracked.
+_UNSCOPED = frozenset({"logsigmoid", "p_norm"})
+
+
 def _make(name: str, formula: Callable[..., Tensor]) -> None:
     @register(name)
     def factory(native_fn: Callable) -> Callable:
@@ -89,7 +97,7 @@ def _make(name: str, formula: Callable[..., Tensor]) -> None:
             tensors = [a for a in args if isinstance(a, Tensor)]
             if (
                 kwargs
-                or not in_second_order_scope()
+                or (name not in _UNSCOPED and not in_second_order_scope())
                 or not isinstance(x, Tensor)
                 or not tracks_grad(x, *tensors)
                 or (name in _COVERED and not _COVERED[name](args))
