@@ -151,6 +151,14 @@ class _Normalize(nn.Layer):
         return 3.0 * nn.functional.normalize(x, p=self.p, axis=-1)
 
 
+class _ScaledByNorm(nn.Layer):
+    """``x * |x|`` per row, with the first row zeroed: the norm's gradient there is 0."""
+
+    def forward(self, x):
+        x = paddle.concat([paddle.zeros_like(x[:1]), x[1:]])
+        return x * paddle.linalg.norm(x, axis=-1, keepdim=True)
+
+
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_vector_layers(layer):
     model = nn.Sequential(nn.Linear(6, 8), LAYERS[layer](), nn.Linear(8, 3))
@@ -181,6 +189,7 @@ REBUILT = {  # name: (layer, input shape); shapes with distinct sizes expose a w
     "thresholded_relu": (lambda: nn.ThresholdedReLU(0.1), [3, 4]),
     "l2_normalize": (lambda: _Normalize(2.0), [3, 4, 5]),
     "l1_5_normalize": (lambda: _Normalize(1.5), [3, 4, 5]),
+    "norm_with_a_zero_row": (lambda: _ScaledByNorm(), [3, 4]),
     # Linear rearrangements and resampling (ops/spatial.py).
     "nearest_x2": (lambda: nn.Upsample(scale_factor=2), [2, 3, 4, 5]),
     "nearest_x1_5_x2_5": (lambda: nn.Upsample(scale_factor=[1.5, 2.5]), [2, 3, 4, 5]),

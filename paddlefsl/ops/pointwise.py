@@ -49,9 +49,13 @@ def _prelu(x: Tensor, weight: Tensor, data_format: str, mode: str) -> Tensor:
 def _p_norm(x: Tensor, porder: float, axis: int, epsilon: float, keepdim: bool, asvector: bool):
     if asvector:
         x, axis = x.reshape([-1]), 0
-    if porder == 2.0:
-        return paddle.sqrt((x * x).sum(axis, keepdim=keepdim))
-    return paddle.pow(paddle.pow(_abs(x), porder).sum(axis, keepdim=keepdim), 1.0 / porder)
+    total = (x * x if porder == 2.0 else paddle.pow(_abs(x), porder)).sum(axis, keepdim=keepdim)
+    # The root of a zero sum has an infinite slope: take it of 1 there and mask it, so
+    # that a zero vector (a padding row) gets a zero gradient, as Paddle's kernel gives.
+    nonzero = (total > 0).astype(x.dtype)
+    safe = total + (1.0 - nonzero)
+    root = paddle.sqrt(safe) if porder == 2.0 else paddle.pow(safe, 1.0 / porder)
+    return root * nonzero
 
 
 # name -> formula(x, *attributes); the attributes are those of the _C_ops entry point.
@@ -79,8 +83,9 @@ _FORMULAS: dict[str, Callable[..., Tensor]] = {
 _COVERED: dict[str, Callable[[tuple], bool]] = {
     # F.prelu passes "all" or "channel"; "element" comes only from direct _C_ops calls.
     "prelu": lambda args: args[-1] in ("all", "channel"),
-    # p = inf, -inf and 0 are maxima, minima and counts, not power sums.
-    "p_norm": lambda args: isinstance(args[0], (int, float)) and 0 < args[0] < float("inf"),
+    # p = inf, -inf and 0 are maxima, minima and counts, not power sums; p < 1 has an
+    # infinite slope at 0.
+    "p_norm": lambda args: isinstance(args[0], (int, float)) and 1 <= args[0] < float("inf"),
 }
 
 
