@@ -730,3 +730,216 @@ def test_cross_entropy_recorded_backward_to_third_order(
         minus = orders(x0 - eps * e, order + 1)[0][order]
         numeric = (plus - minus) / (2 * eps)
         assert float((grads[order] * e).sum()) == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+
+
+class _Glu(nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.a, self.h = nn.Linear(5, 16), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.h(nn.functional.glu(self.a(x)))
+
+
+class _Attention(nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.q, self.h = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        q = self.q(x).reshape([1, 6, 2, 4])
+        return self.h(nn.functional.scaled_dot_product_attention(q, q, q).reshape([6, 8]))
+
+
+class _PreNormStack(nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.p, self.h = nn.Linear(5, 8), nn.Linear(8, 3)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, normalize_before=True)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8))
+
+    def forward(self, x):
+        return self.h(self.enc(self.p(x).reshape([6, 1, 8]).tile([1, 3, 1])).mean(1))
+
+
+class _Cells(nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRUCell(5, 8)
+        self.lstm = nn.RNN(nn.LSTMCell(8, 8))
+        self.h = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.gru(x)
+        h, _ = self.gru(x, h)
+        out, _ = self.lstm(h.reshape([6, 1, 8]).tile([1, 3, 1]))
+        return self.h(out[:, -1])
+
+
+class _Volume(nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.h = nn.Conv3D(1, 2, 3), nn.BatchNorm3D(2), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.h(
+            nn.functional.relu(self.bn(self.c(x.reshape([6, 1, 4, 4, 4])))).reshape([6, -1])
+        )
+
+
+class _Signal(nn.Layer):
+    """Conv1D, InstanceNorm1D, MaxPool1D, AvgPool1D on a [N, 2, 12] signal."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.n, self.h = (
+            nn.Conv1D(2, 4, 3, padding=1),
+            nn.InstanceNorm1D(4),
+            nn.Linear(12, 3),
+        )
+
+    def forward(self, x):
+        h = self.n(paddle.tanh(self.c(x.reshape([6, 2, 12]))))
+        return self.h(
+            (nn.functional.max_pool1d(h, 2) + nn.functional.avg_pool1d(h, 2)).reshape([6, -1])[
+                :, :12
+            ]
+        )
+
+
+class _Tokens(nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.e, self.h = nn.Embedding(10, 8, padding_idx=0), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.h(self.e(ids).mean(1))
+
+
+MODELS = {  # name: (model, inputs for 6 examples)
+    "glu": (_Glu, lambda: paddle.randn([6, 5])),
+    "scaled_dot_product_attention": (_Attention, lambda: paddle.randn([6, 5])),
+    "transformer_pre_norm_stack": (_PreNormStack, lambda: paddle.randn([6, 5])),
+    "gru_and_lstm_cells": (_Cells, lambda: paddle.randn([6, 5])),
+    "conv3d_batchnorm3d": (_Volume, lambda: paddle.randn([6, 64])),
+    "conv1d_instancenorm_pool1d": (_Signal, lambda: paddle.randn([6, 24])),
+    "embedding_padding_idx": (_Tokens, lambda: paddle.to_tensor(np.arange(24).reshape(6, 4) % 10)),
+    "weight_norm": (
+        lambda: nn.Sequential(nn.utils.weight_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)),
+        lambda: paddle.randn([6, 5]),
+    ),
+    "elu_celu_silu_softplus": (
+        lambda: nn.Sequential(
+            nn.Linear(5, 8),
+            nn.ELU(),
+            nn.Linear(8, 8),
+            nn.CELU(),
+            nn.Linear(8, 8),
+            nn.Silu(),
+            nn.Linear(8, 8),
+            nn.Softplus(),
+            nn.Linear(8, 3),
+        ),
+        lambda: paddle.randn([6, 5]),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_more_models(name):
+    build, inputs = MODELS[name]
+    paddle.seed(5)
+    x, y = inputs(), _labels(6)
+    default = paddle.get_default_dtype()
+    report = check_second_order(
+        MAML(build(), lr=0.3), nn.CrossEntropyLoss(), (x, y), (x, y), steps=2, rtol=RTOL
+    )
+    _assert_exact(report)
+    # The check runs in float64 (the cells' initial states too) and restores the default.
+    assert paddle.get_default_dtype() == default
+
+
+OTHER_LOSSES = {
+    "soft_margin": lambda o, t: nn.functional.soft_margin_loss(o, 2 * t - 1),
+    "hinge_embedding": lambda o, t: nn.functional.hinge_embedding_loss(o, 2 * t - 1),
+    "cosine_embedding": lambda o, t: nn.functional.cosine_embedding_loss(
+        o, t, paddle.to_tensor([1, -1, 1, -1, 1, -1])
+    ),
+    "margin_ranking": lambda o, t: nn.functional.margin_ranking_loss(
+        o[:, 0], o[:, 1], 2 * t[:, 2] - 1
+    ),
+    "poisson_nll": lambda o, t: nn.functional.poisson_nll_loss(o, t),
+    "gaussian_nll": lambda o, t: nn.functional.gaussian_nll_loss(o, t, paddle.ones_like(o)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_LOSSES))
+def test_other_losses(name):
+    paddle.seed(6)
+    x = paddle.randn([6, 5])
+    t = paddle.to_tensor((np.arange(18).reshape(6, 3) % 2).astype(x.dtype.name.lower()))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    report = check_second_order(
+        MAML(model, lr=0.3), OTHER_LOSSES[name], (x, t), (x, t), steps=2, rtol=RTOL
+    )
+    _assert_exact(report)
+
+
+UNSUPPORTED = {  # name: (model, inputs, the op the error names)
+    "maxpool3d": (
+        lambda: nn.Sequential(
+            nn.Conv3D(1, 2, 3, padding=1), nn.MaxPool3D(2), nn.Flatten(), nn.Linear(16, 3)
+        ),
+        lambda: paddle.randn([6, 1, 4, 4, 4]),
+        "pool3d",
+    ),
+    "local_response_norm": (
+        lambda: nn.Sequential(
+            nn.Conv2D(1, 4, 3), nn.LocalResponseNorm(3), nn.Flatten(), nn.Linear(16, 3)
+        ),
+        lambda: paddle.randn([6, 1, 4, 4]),
+        "pool3d",
+    ),
+    "rrelu": (
+        lambda: nn.Sequential(nn.Linear(5, 8), nn.RReLU(), nn.Linear(8, 3)),
+        lambda: paddle.randn([6, 5]),
+        "rrelu",
+    ),
+    "spectral_norm_hook": (
+        lambda: nn.Sequential(nn.utils.spectral_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)),
+        lambda: paddle.randn([6, 5]),
+        "dot",
+    ),
+    "bicubic": (
+        lambda: nn.Sequential(
+            nn.Conv2D(1, 2, 3),
+            nn.Upsample(scale_factor=2, mode="bicubic"),
+            nn.Flatten(),
+            nn.Linear(32, 3),
+        ),
+        lambda: paddle.randn([6, 1, 4, 4]),
+        "bicubic_interp",
+    ),
+    "topk": (
+        lambda: nn.Sequential(nn.Linear(5, 8), _TopK(), nn.Linear(2, 3)),
+        lambda: paddle.randn([6, 5]),
+        "topk",
+    ),
+}
+
+
+class _TopK(nn.Layer):
+    def forward(self, x):
+        return paddle.topk(x, 2)[0]
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_layers_name_their_op(name):
+    build, inputs, op = UNSUPPORTED[name]
+    maml = MAML(build(), lr=0.3)
+    x, y = inputs(), _labels(6)
+    learner = maml.clone()
+    with pytest.raises(SecondOrderUnsupportedError, match=f"'{op}'.*first_order=True"):
+        learner.adapt(nn.functional.cross_entropy(learner(x), y))
+    learner = maml.clone(first_order=True)
+    learner.adapt(nn.functional.cross_entropy(learner(x), y))

@@ -103,7 +103,9 @@ def check_second_order(
     they are. Finite differences need the same function at every evaluation, so Paddle's
     global generator is re-seeded with ``seed`` before each one: dropout then draws the same
     masks every time (as long as the model draws its random numbers in a fixed order). The
-    global generator's state is restored afterwards.
+    global generator's state is restored afterwards. Paddle's default dtype is
+    float64 meanwhile, so tensors the model creates itself (a recurrent cell's initial
+    state) match.
 
     Args:
         learner: a second-order learner (``MAML``, ``ANIL``, ...) wrapping your model.
@@ -158,11 +160,16 @@ def check_second_order(
                 p.set_value(p0)
 
     rng_state = paddle.get_rng_state()
+    # Tensors the model creates in its forward pass (a recurrent cell's zero initial
+    # state, a constant) take the default dtype: float64 too, for the check's duration.
+    default_dtype = paddle.get_default_dtype()
+    paddle.set_default_dtype("float64")
     try:
         analytic = directional(first_order=False)
         first = directional(first_order=True)
         numeric = (value_at(eps) - value_at(-eps)) / (2 * eps)
     finally:
         paddle.set_rng_state(rng_state)
+        paddle.set_default_dtype(default_dtype)
     error = abs(analytic - numeric) / max(abs(numeric), 1e-12)
     return SecondOrderReport(error <= rtol, error, analytic, numeric, first, steps, rtol)
