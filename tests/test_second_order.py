@@ -365,6 +365,8 @@ IMAGE_LAYERS = {
     "groupnorm": (lambda: nn.GroupNorm(2, 4), 64),
     "groupnorm_no_affine": (lambda: nn.GroupNorm(2, 4, weight_attr=False, bias_attr=False), 64),
     "batchnorm2d_no_affine": (lambda: nn.BatchNorm2D(4, weight_attr=False, bias_attr=False), 64),
+    "instancenorm2d": (lambda: nn.InstanceNorm2D(4), 64),
+    "pad2d_reflect": (lambda: nn.Pad2D(1, mode="reflect"), 144),
     "upsample_nearest": (lambda: nn.Upsample(scale_factor=2), 256),
     "upsample_bilinear": (lambda: nn.Upsample(scale_factor=1.5, mode="bilinear"), 144),
     "pixel_shuffle": (lambda: nn.PixelShuffle(2), 64),
