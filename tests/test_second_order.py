@@ -151,6 +151,19 @@ class _Normalize(nn.Layer):
         return 3.0 * nn.functional.normalize(x, p=self.p, axis=-1)
 
 
+class _Select(nn.Layer):
+    """``paddle.topk`` (k=2 along axis 1, smallest) or ``paddle.sort`` (descending)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "topk":
+            return paddle.topk(x, 2, axis=1, largest=False)[0]
+        return paddle.sort(x, axis=-1, descending=True)
+
+
 class _ScaledByNorm(nn.Layer):
     """``x * |x|`` per row, with the first row zeroed: the norm's gradient there is 0."""
 
@@ -214,6 +227,8 @@ REBUILT = {  # name: (layer, input shape); shapes with distinct sizes expose a w
     "channel_shuffle": (lambda: nn.ChannelShuffle(3), [2, 6, 3, 4]),
     "channel_shuffle_nhwc": (lambda: nn.ChannelShuffle(2, data_format="NHWC"), [2, 3, 4, 6]),
     "unfold": (lambda: nn.Unfold([2, 3]), [2, 3, 5, 6]),
+    "topk": (lambda: _Select("topk"), [3, 4, 5]),
+    "sort_descending": (lambda: _Select("sort"), [3, 4, 5]),
     "unfold_strided_padded_dilated": (
         lambda: nn.Unfold([2, 2], strides=2, paddings=[1, 0, 2, 1], dilations=2),
         [2, 3, 6, 7],
@@ -871,6 +886,7 @@ OTHER_LOSSES = {
         o[:, 0], o[:, 1], 2 * t[:, 2] - 1
     ),
     "poisson_nll": lambda o, t: nn.functional.poisson_nll_loss(o, t),
+    "top_2_hinge": lambda o, t: paddle.topk(nn.functional.relu(1 - o * (2 * t - 1)), 2)[0].mean(),
     "gaussian_nll": lambda o, t: nn.functional.gaussian_nll_loss(o, t, paddle.ones_like(o)),
 }
 
@@ -922,17 +938,7 @@ UNSUPPORTED = {  # name: (model, inputs, the op the error names)
         lambda: paddle.randn([6, 1, 4, 4]),
         "bicubic_interp",
     ),
-    "topk": (
-        lambda: nn.Sequential(nn.Linear(5, 8), _TopK(), nn.Linear(2, 3)),
-        lambda: paddle.randn([6, 5]),
-        "topk",
-    ),
 }
-
-
-class _TopK(nn.Layer):
-    def forward(self, x):
-        return paddle.topk(x, 2)[0]
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))

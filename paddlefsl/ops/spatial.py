@@ -1,14 +1,17 @@
-"""Resampling and rearranging layers in second order: Upsample, PixelShuffle, Unfold.
+"""Resampling, rearranging and selecting in second order: Upsample, PixelShuffle, topk.
 
 Paddle 3.3.1 has no double gradient for ``nearest_interp`` / ``bilinear_interp``
-(``nn.Upsample``, ``F.interpolate``), ``pixel_shuffle``, ``channel_shuffle`` and ``unfold``.
-All of them are linear in their input, so inside :func:`~paddlefsl.ops.second_order_scope`
-they are rebuilt from ops whose gradients are linear too: interpolation as gathers along
-the height and width axes with constant weights (the source indices and weights computed
-as Paddle's CPU kernel computes them, in float32), the shuffles as reshapes and
-transposes, and ``unfold`` as a padded convolution with one-hot filters. Outside the scope,
-and for the cases not covered (5-D inputs, sizes given as tensors, bicubic), the native
-kernels run.
+(``nn.Upsample``, ``F.interpolate``), ``pixel_shuffle``, ``channel_shuffle``, ``unfold``,
+``topk`` and ``argsort`` (``paddle.sort``). All of them are linear in their input (the
+last two given their selection, which is piecewise constant), so inside
+:func:`~paddlefsl.ops.second_order_scope` they are rebuilt from ops whose gradients are
+linear too: interpolation as gathers along the height and width axes with constant
+weights (the source indices and weights computed as Paddle's CPU kernel computes them, in
+float32), the shuffles as reshapes and transposes, ``unfold`` as a padded convolution
+with one-hot filters, ``topk`` and ``sort`` as a gather by the native kernel's indices.
+Outside the scope, and for the cases not covered (5-D inputs, sizes given as tensors,
+bicubic), the native kernels run; ``topk`` and ``sort``, which losses use too, take the
+gather whenever a gradient is tracked.
 """
 
 from __future__ import annotations
@@ -144,6 +147,22 @@ def _unfold(x: Tensor, kernel_sizes, strides, paddings, dilations) -> Tensor:
     return cols.reshape([n, c * kh * kw, -1])
 
 
+def _topk(x: Tensor, k, axis: int, largest: bool, sorted_: bool):
+    # The selection comes from the native kernel; the values are a gather of x by it, and
+    # a gather's gradient is linear in x.
+    with paddle.no_grad():
+        _, indices = _NATIVE_SELECT["topk"](x, k, axis, largest, sorted_)
+    return paddle.take_along_axis(x, indices, axis), indices
+
+
+def _sort(x: Tensor, axis: int, descending: bool, stable: bool):
+    with paddle.no_grad():
+        _, indices = _NATIVE_SELECT["argsort"](x, axis, descending, stable)
+    return paddle.take_along_axis(x, indices, axis), indices
+
+
+_NATIVE_SELECT: dict[str, Callable] = {}
+
 # name -> (formula(x, *attributes), covered(attributes, x))
 _OPS: dict[str, tuple[Callable[..., Tensor], Callable[[tuple, Tensor], bool]]] = {
     "nearest_interp": (_interpolate("nearest"), _interp_covered),
@@ -151,16 +170,26 @@ _OPS: dict[str, tuple[Callable[..., Tensor], Callable[[tuple, Tensor], bool]]] =
     "pixel_shuffle": (_pixel_shuffle, lambda args, x: x.ndim == 4),
     "channel_shuffle": (_channel_shuffle, lambda args, x: x.ndim == 4),
     "unfold": (_unfold, lambda args, x: x.ndim == 4 and len(args[2]) == 4),
+    "topk": (_topk, lambda args, x: isinstance(args[0], int) and x.ndim > 0),
+    "argsort": (_sort, lambda args, x: x.ndim > 0),
 }
+
+
+# Selections also appear in losses (top-k hinge, sorted margins), which the user computes
+# outside any learner call: these take the gather whenever a gradient is tracked.
+_UNSCOPED = frozenset({"topk", "argsort"})
 
 
 def _make(name: str, formula: Callable[..., Tensor], covered: Callable) -> None:
     @register(name)
     def factory(native_fn: Callable) -> Callable:
+        _NATIVE_SELECT[name] = native_fn
+
         def op(x, *args, **kwargs):
             if (
-                kwargs
-                or not in_second_order_scope()
+                # paddle.topk passes out=None: no output buffer, so nothing to honour
+                any(v is not None for v in kwargs.values())
+                or (name not in _UNSCOPED and not in_second_order_scope())
                 or not isinstance(x, Tensor)
                 or not tracks_grad(x)
                 or not covered(args, x)
