@@ -2,14 +2,16 @@
 
 Paddle 3.3.1 raises on the second derivative of PReLU, SELU, ReLU6, Hardtanh,
 Hardsigmoid, Hardswish, Swish, Mish, LogSigmoid, Softsign, Tanhshrink, Softshrink,
-ThresholdedReLU and of ``p_norm`` (behind ``F.normalize``, the cosine classifiers of
-few-shot heads). Inside :func:`~paddlefsl.ops.second_order_scope` each of them is computed
-from ``relu``, ``sigmoid``, ``tanh``, ``exp``, ``log``, products and sums, which Paddle can
+ThresholdedReLU, RReLU, of ``p_norm`` (behind ``F.normalize``, the cosine classifiers of
+few-shot heads) and of ``dot`` and ``mv`` (spectral-norm hooks). Inside
+:func:`~paddlefsl.ops.second_order_scope` each of them is computed from ``relu``,
+``sigmoid``, ``tanh``, ``exp``, ``log``, products and sums, which Paddle can
 differentiate any number of times; the piecewise-linear ones become sums of shifted ReLUs
 (``relu6(x) = relu(x) - relu(x - 6)``), exact everywhere but at the kinks. Outside the
 scope the native kernels run, so forward values and first-order passes are untouched;
-``logsigmoid`` and ``p_norm``, which built-in losses use outside any learner call, take
-their formulas whenever a gradient is tracked.
+``logsigmoid``, ``p_norm``, ``dot`` and ``mv``, which losses use outside any learner call too, take
+their formulas whenever a gradient is tracked. RReLU's random slopes are read back from
+the native kernel's output, so its random stream is Paddle's.
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ def _p_norm(x: Tensor, porder: float, axis: int, epsilon: float, keepdim: bool, 
     return root * nonzero
 
 
+def _rrelu(x: Tensor, lower: float, upper: float, is_test: bool) -> Tensor:
+    # The kernel draws the negative slopes; read them back from its output, so the
+    # random stream and the values are Paddle's: out = x * slope, slope = 1 where x >= 0.
+    with paddle.no_grad():
+        out = _NATIVE["rrelu"](x, lower, upper, is_test)
+        nonzero = x != 0
+        slope = paddle.where(nonzero, out / paddle.where(nonzero, x, paddle.ones_like(x)), 1.0)
+    return x * slope
+
+
+_NATIVE: dict[str, Callable] = {}
+
 # name -> formula(x, *attributes); the attributes are those of the _C_ops entry point.
 _FORMULAS: dict[str, Callable[..., Tensor]] = {
     "relu6": lambda x: _clip(x, 0.0, 6.0),
@@ -76,6 +90,9 @@ _FORMULAS: dict[str, Callable[..., Tensor]] = {
     ),
     "prelu": _prelu,
     "p_norm": _p_norm,
+    "rrelu": _rrelu,
+    "dot": lambda x, y: (x * y).sum(-1),
+    "mv": lambda x, vec: paddle.matmul(x, vec),
 }
 
 
@@ -92,12 +109,14 @@ _COVERED: dict[str, Callable[[tuple], bool]] = {
 # Also used by built-in losses (MultiLabelSoftMarginLoss, TripletMarginLoss), which the
 # user computes outside the learner's call and so outside second-order scope: these two
 # take the formula whenever a gradient is tracked.
-_UNSCOPED = frozenset({"logsigmoid", "p_norm"})
+_UNSCOPED = frozenset({"logsigmoid", "p_norm", "dot", "mv"})
 
 
 def _make(name: str, formula: Callable[..., Tensor]) -> None:
     @register(name)
     def factory(native_fn: Callable) -> Callable:
+        _NATIVE[name] = native_fn
+
         def op(x, *args, **kwargs):
             tensors = [a for a in args if isinstance(a, Tensor)]
             if (

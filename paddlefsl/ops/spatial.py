@@ -2,16 +2,17 @@
 
 Paddle 3.3.1 has no double gradient for ``nearest_interp`` / ``bilinear_interp``
 (``nn.Upsample``, ``F.interpolate``), ``pixel_shuffle``, ``channel_shuffle``, ``unfold``,
-``topk`` and ``argsort`` (``paddle.sort``). All of them are linear in their input (the
-last two given their selection, which is piecewise constant), so inside
-:func:`~paddlefsl.ops.second_order_scope` they are rebuilt from ops whose gradients are
-linear too: interpolation as gathers along the height and width axes with constant
-weights (the source indices and weights computed as Paddle's CPU kernel computes them, in
-float32), the shuffles as reshapes and transposes, ``unfold`` as a padded convolution
-with one-hot filters, ``topk`` and ``sort`` as a gather by the native kernel's indices.
-Outside the scope, and for the cases not covered (5-D inputs, sizes given as tensors,
-bicubic), the native kernels run; ``topk`` and ``sort``, which losses use too, take the
-gather whenever a gradient is tracked.
+``topk``, ``argsort`` (``paddle.sort``) and ``index_sample`` (``MultiMarginLoss``). All
+of them are linear in their input (the selections given their indices, which are
+piecewise constant), so inside :func:`~paddlefsl.ops.second_order_scope` they are rebuilt
+from ops whose gradients are linear too: interpolation as gathers along the height and
+width axes with constant weights (the source indices and weights computed as Paddle's
+CPU kernel computes them, in float32), the shuffles as reshapes and transposes,
+``unfold`` as a padded convolution with one-hot filters, ``topk`` and ``sort`` as a
+gather by the native kernel's indices, ``index_sample`` as ``take_along_axis``. Outside
+the scope, and for the cases not covered (5-D inputs, sizes given as tensors, bicubic),
+the native kernels run; the three selections, which losses use too, take the gather
+whenever a gradient is tracked.
 """
 
 from __future__ import annotations
@@ -172,12 +173,16 @@ _OPS: dict[str, tuple[Callable[..., Tensor], Callable[[tuple, Tensor], bool]]] =
     "unfold": (_unfold, lambda args, x: x.ndim == 4 and len(args[2]) == 4),
     "topk": (_topk, lambda args, x: isinstance(args[0], int) and x.ndim > 0),
     "argsort": (_sort, lambda args, x: x.ndim > 0),
+    "index_sample": (
+        lambda x, index: paddle.take_along_axis(x, index, 1),
+        lambda args, x: x.ndim == 2,
+    ),
 }
 
 
-# Selections also appear in losses (top-k hinge, sorted margins), which the user computes
+# Selections also appear in losses (top-k hinge, MultiMarginLoss), which the user computes
 # outside any learner call: these take the gather whenever a gradient is tracked.
-_UNSCOPED = frozenset({"topk", "argsort"})
+_UNSCOPED = frozenset({"topk", "argsort", "index_sample"})
 
 
 def _make(name: str, formula: Callable[..., Tensor], covered: Callable) -> None:
