@@ -23,12 +23,8 @@ from ._registry import register
 Tensor = paddle.Tensor
 
 
-def _abs(x: Tensor) -> Tensor:
-    return F.relu(x) + F.relu(-x)
-
-
-def _log1p_exp_neg_abs(x: Tensor) -> Tensor:
-    return paddle.log(1.0 + paddle.exp(-_abs(x)))
+def _log1p_exp_negpaddle.abs(x: Tensor) -> Tensor:
+    return paddle.log(1.0 + paddle.exp(-paddle.abs(x)))
 
 
 def _nll(x: Tensor, label: Tensor, weight: Tensor | None, ignore_index: int, reduction: str):
@@ -61,9 +57,9 @@ def _bce_logits(x, label, pos_weight, normalize, ignore_index):
     # max(x, 0) - x * y + log(1 + exp(-|x|)), or with log_weight = pos_weight (as passed):
     # (1 - y) x + log_weight (log(1 + exp(-|x|)) + max(-x, 0)).
     if pos_weight is None:
-        out = F.relu(x) - x * label + _log1p_exp_neg_abs(x)
+        out = F.relu(x) - x * label + _log1p_exp_negpaddle.abs(x)
     else:
-        out = (1.0 - label) * x + pos_weight * (_log1p_exp_neg_abs(x) + F.relu(-x))
+        out = (1.0 - label) * x + pos_weight * (_log1p_exp_negpaddle.abs(x) + F.relu(-x))
     keep = (label != ignore_index).astype(x.dtype)
     out = out * keep
     if normalize:
@@ -72,7 +68,7 @@ def _bce_logits(x, label, pos_weight, normalize, ignore_index):
 
 
 def _huber(x: Tensor, label: Tensor, delta: float) -> Tensor:
-    size = _abs(label - x)
+    size = paddle.abs(label - x)
     quadratic = size - F.relu(size - delta)  # min(|r|, delta)
     return 0.5 * quadratic * quadratic + delta * (size - quadratic)
 

@@ -27,13 +27,9 @@ from ._registry import in_second_order_scope, register
 Tensor = paddle.Tensor
 
 
-def _abs(x: Tensor) -> Tensor:
-    return F.relu(x) + F.relu(-x)
-
-
-def softplus(x: Tensor) -> Tensor:
+def _softplus(x: Tensor) -> Tensor:
     """``log(1 + exp(x))`` without overflow: ``relu(x) + log(1 + exp(-|x|))``."""
-    return F.relu(x) + paddle.log(1.0 + paddle.exp(-_abs(x)))
+    return F.relu(x) + paddle.log(1.0 + paddle.exp(-paddle.abs(x)))
 
 
 def _clip(x: Tensor, low: float, high: float) -> Tensor:
@@ -51,7 +47,9 @@ def _prelu(x: Tensor, weight: Tensor, data_format: str, mode: str) -> Tensor:
 def _p_norm(x: Tensor, porder: float, axis: int, epsilon: float, keepdim: bool, asvector: bool):
     if asvector:
         x, axis = x.reshape([-1]), 0
-    total = (x * x if porder == 2.0 else paddle.pow(_abs(x), porder)).sum(axis, keepdim=keepdim)
+    total = (x * x if porder == 2.0 else paddle.pow(paddle.abs(x), porder)).sum(
+        axis, keepdim=keepdim
+    )
     # The root of a zero sum has an infinite slope: take it of 1 there and mask it, so
     # that a zero vector (a padding row) gets a zero gradient, as Paddle's kernel gives.
     nonzero = (total > 0).astype(x.dtype)
@@ -79,9 +77,10 @@ _FORMULAS: dict[str, Callable[..., Tensor]] = {
     "hardsigmoid": lambda x, slope, offset: _clip(x * slope + offset, 0.0, 1.0),
     "hardswish": lambda x: x * _clip(x + 3.0, 0.0, 6.0) / 6.0,
     "swish": lambda x: x * F.sigmoid(x),
-    "mish": lambda x, threshold: x * paddle.tanh(softplus(x)),
-    "logsigmoid": lambda x: -softplus(-x),
-    "softsign": lambda x: x / (1.0 + _abs(x)),
+    # Paddle's mish switches its softplus to x above `threshold` (20): exp(-20) apart.
+    "mish": lambda x, threshold: x * paddle.tanh(_softplus(x)),
+    "logsigmoid": lambda x: -_softplus(-x),
+    "softsign": lambda x: x / (1.0 + paddle.abs(x)),
     "tanh_shrink": lambda x: x - paddle.tanh(x),
     "softshrink": lambda x, threshold: F.relu(x - threshold) - F.relu(-x - threshold),
     "selu": lambda x, scale, alpha: scale * (F.relu(x) + alpha * (paddle.exp(-F.relu(-x)) - 1.0)),
@@ -106,9 +105,9 @@ _COVERED: dict[str, Callable[[tuple], bool]] = {
 }
 
 
-# Also used by built-in losses (MultiLabelSoftMarginLoss, TripletMarginLoss), which the
-# user computes outside the learner's call and so outside second-order scope: these two
-# take the formula whenever a gradient is tracked.
+# Also used by built-in losses (MultiLabelSoftMarginLoss, TripletMarginLoss) or hooks,
+# which run outside the learner's call and so outside second-order scope: these take
+# their formula whenever a gradient is tracked.
 _UNSCOPED = frozenset({"logsigmoid", "p_norm", "dot", "mv"})
 
 
