@@ -23,7 +23,7 @@ from ._registry import register
 Tensor = paddle.Tensor
 
 
-def _log1p_exp_negpaddle.abs(x: Tensor) -> Tensor:
+def _log1p_exp_neg_abs(x: Tensor) -> Tensor:
     return paddle.log(1.0 + paddle.exp(-paddle.abs(x)))
 
 
@@ -57,9 +57,9 @@ def _bce_logits(x, label, pos_weight, normalize, ignore_index):
     # max(x, 0) - x * y + log(1 + exp(-|x|)), or with log_weight = pos_weight (as passed):
     # (1 - y) x + log_weight (log(1 + exp(-|x|)) + max(-x, 0)).
     if pos_weight is None:
-        out = F.relu(x) - x * label + _log1p_exp_negpaddle.abs(x)
+        out = F.relu(x) - x * label + _log1p_exp_neg_abs(x)
     else:
-        out = (1.0 - label) * x + pos_weight * (_log1p_exp_negpaddle.abs(x) + F.relu(-x))
+        out = (1.0 - label) * x + pos_weight * (_log1p_exp_neg_abs(x) + F.relu(-x))
     keep = (label != ignore_index).astype(x.dtype)
     out = out * keep
     if normalize:
