@@ -125,51 +125,23 @@ def _covered(pre_state, weights, sequence_length, dropout_prob, num_layers, mode
 
 @register("rnn")
 def _rnn(native_fn: Callable) -> Callable:
-    def rnn(
-        x,
-        pre_state,
-        weight_list,
-        sequence_length,
-        dropout_state_in,
-        dropout_prob,
-        is_bidirec,
-        input_size,
-        hidden_size,
-        num_layers,
-        mode,
-        seed,
-        is_test,
-        *args,
-        **kwargs,
-    ):
+    def rnn(*args, **kwargs):
+        # _C_ops.rnn(x, pre_state, weight_list, sequence_length, dropout_state_in,
+        #            dropout_prob, is_bidirec, input_size, hidden_size, num_layers, mode,
+        #            seed, is_test)
+        if kwargs or len(args) != 13 or not in_second_order_scope():
+            return native_fn(*args, **kwargs)
+        x, pre_state, weights, sequence_length, dropout_state, dropout_prob = args[:6]
+        bidirectional, num_layers, mode, is_test = args[6], args[9], args[10], args[12]
         if (
-            args
-            or kwargs
-            or not in_second_order_scope()
-            or not _covered(
-                pre_state, weight_list, sequence_length, dropout_prob, num_layers, mode, is_test
+            not _covered(
+                pre_state, weights, sequence_length, dropout_prob, num_layers, mode, is_test
             )
-            or len(weight_list) != 4 * num_layers * (2 if is_bidirec else 1)
-            or not tracks_grad(x, *pre_state, *weight_list)
+            or len(weights) != 4 * num_layers * (2 if bidirectional else 1)
+            or not tracks_grad(x, *pre_state, *weights)
         ):
-            return native_fn(
-                x,
-                pre_state,
-                weight_list,
-                sequence_length,
-                dropout_state_in,
-                dropout_prob,
-                is_bidirec,
-                input_size,
-                hidden_size,
-                num_layers,
-                mode,
-                seed,
-                is_test,
-                *args,
-                **kwargs,
-            )
-        out, states = recurrence(x, pre_state, weight_list, is_bidirec, num_layers, mode)
-        return out, dropout_state_in, states
+            return native_fn(*args)
+        out, states = recurrence(x, pre_state, weights, bidirectional, num_layers, mode)
+        return out, dropout_state, states
 
     return rnn
