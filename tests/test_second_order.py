@@ -1,5 +1,6 @@
 """Second-order meta-gradients against float64 finite differences and closed forms."""
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -493,25 +494,54 @@ def test_recurrence_matches_the_fused_kernel(float64):
             np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-10, atol=1e-12, err_msg=kind)
 
 
-def test_recurrent_layer_with_sequence_lengths_names_the_op():
-    class Padded(nn.Layer):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.GRU(3, 5)
-            self.head = nn.Linear(5, 3)
+class _Padded(nn.Layer):
+    """A padded batch: ``sequence_length`` gives each sequence's valid steps."""
 
-        def forward(self, x):
-            lengths = paddle.to_tensor([4, 3, 2, 4, 1, 4], dtype="int64")
-            out, _ = self.rnn(x, sequence_length=lengths)
-            return self.head(out.mean(1))
+    def __init__(self, cell, **kwargs):
+        super().__init__()
+        self.rnn = cell(3, 5, **kwargs)
+        directions = 2 if kwargs.get("direction") == "bidirect" else 1
+        self.head = nn.Linear(5 * directions, 3)
 
-    maml = MAML(Padded(), lr=0.5)
+    def forward(self, x):
+        lengths = paddle.to_tensor([4, 3, 2, 4, 1, 4], dtype="int64")
+        out, state = self.rnn(x, sequence_length=lengths)
+        if self.rnn.time_major:
+            out = out.transpose([1, 0, 2])
+        state = state[0] if isinstance(state, tuple) else state
+        return self.head(out.sum(1)) + state.sum(0).mean(-1, keepdim=True)
+
+
+PADDED = {
+    "gru_bidirect": (nn.GRU, {"direction": "bidirect"}),
+    "lstm_2_layers": (nn.LSTM, {"num_layers": 2}),
+    "simple_rnn_time_major": (nn.SimpleRNN, {"time_major": True}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PADDED))
+def test_recurrent_layers_with_sequence_lengths(float64, kind):
+    """Past its length a sequence keeps its state and outputs 0, in the kernel and here."""
+    from paddlefsl import ops
+
+    cell, kwargs = PADDED[kind]
+    paddle.seed(2)
+    model = _Padded(cell, **kwargs)
     x, y = paddle.randn([6, 4, 3]), _labels(6)
-    learner = maml.clone()
-    with pytest.raises(SecondOrderUnsupportedError, match="'rnn'.*first_order=True"):
-        learner.adapt(nn.functional.cross_entropy(learner(x), y))
-    learner = maml.clone(first_order=True)
-    learner.adapt(nn.functional.cross_entropy(learner(x), y))
+    if kwargs.get("time_major"):
+        x = x.transpose([1, 0, 2])  # [T, B, I]; the lengths still index the 6 sequences
+    results = []
+    for scoped in (False, True):
+        with ops.second_order_scope() if scoped else contextlib.nullcontext():
+            out = model(x)
+        grads = paddle.grad(nn.functional.cross_entropy(out, y), model.parameters())
+        results.append([out, *grads])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-10, atol=1e-12, err_msg=kind)
+    report = check_second_order(
+        MAML(model, lr=0.5), nn.CrossEntropyLoss(), (x, y), (x, y), steps=2, rtol=RTOL
+    )
+    _assert_exact(report)
 
 
 def test_conv1d_and_depthwise_conv():

@@ -4,9 +4,10 @@ Those layers run one fused kernel, ``_C_ops.rnn``, whose gradient Paddle 3.3.1 c
 differentiate again ("The Op rnn_grad doesn't have any grad op"). Inside
 :func:`~paddlefsl.ops.second_order_scope` the replacement below computes the same
 recurrence from matmuls and elementwise ops, which all have double gradients, so a
-second-order ``adapt`` works on an unmodified recurrent model. Outside the scope, and in
-the cases the recurrence here does not cover (``sequence_length``, dropout between layers
-in training), the native kernel runs: forward and first-order passes are untouched.
+second-order ``adapt`` works on an unmodified recurrent model, padded batches
+(``sequence_length``) included. Outside the scope, and with dropout between stacked
+layers in training (drawn by the kernel's own generator), the native kernel runs:
+forward and first-order passes are untouched.
 
 The weight list is the fused kernel's layout (``paddle.nn.RNNBase.flatten_parameters``):
 ``weight_ih`` and ``weight_hh`` of every (layer, direction), then their biases in the same
@@ -52,8 +53,9 @@ def recurrence(
     bidirectional: bool,
     num_layers: int,
     mode: str,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """The fused RNN kernel's result from differentiable ops (no dropout, full lengths).
+    """The fused RNN kernel's result from differentiable ops (without dropout).
 
     Args:
         x: Time-major input ``[T, B, I]``.
@@ -64,6 +66,8 @@ def recurrence(
         bidirectional: Whether each layer also runs backwards in time.
         num_layers: Stacked layers.
         mode: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
+        lengths: Valid steps per sequence ``[B]`` (``sequence_length``): past them the
+            state is carried unchanged and the output is 0, as in the kernel.
 
     Returns:
         The output ``[T, B, directions * H]`` and the final states, shaped as
@@ -85,6 +89,11 @@ def recurrence(
     c0 = paddle.unbind(pre_state[1], axis=0) if mode == "LSTM" else [None] * count
     final_h: list[Tensor] = []
     final_c: list[Tensor] = []
+    masks: list[Tensor | None] = [None] * x.shape[0]
+    if lengths is not None:
+        steps_index = paddle.arange(x.shape[0], dtype=lengths.dtype).reshape([-1, 1])
+        valid = (steps_index < lengths.reshape([1, -1])).astype(x.dtype)  # [T, B]
+        masks = list(paddle.unbind(valid.unsqueeze(-1), axis=0))  # T x [B, 1]
     layer_input = x
     for layer in range(num_layers):
         outputs = []
@@ -99,8 +108,15 @@ def recurrence(
             order = range(len(x_gates)) if direction == 0 else reversed(range(len(x_gates)))
             for t in order:
                 h_gates = paddle.matmul(h, w_hh, transpose_y=True) + b_hh
-                h, c = _cell(mode, x_gates[t], h_gates, h, c)
-                steps[t] = h
+                h_new, c_new = _cell(mode, x_gates[t], h_gates, h, c)
+                m = masks[t]
+                if m is None:
+                    h, c = h_new, c_new
+                    steps[t] = h
+                else:  # a finished sequence keeps its state and outputs 0
+                    h = m * h_new + (1.0 - m) * h
+                    c = None if c is None else m * c_new + (1.0 - m) * c
+                    steps[t] = m * h_new
             outputs.append(paddle.stack(steps))
             final_h.append(h)
             final_c.append(c)
@@ -120,7 +136,8 @@ def _covered(pre_state, weights, sequence_length, dropout_prob, num_layers, mode
     )
     # The dropout between stacked layers draws from the kernel's own generator.
     no_dropout = is_test or not dropout_prob or num_layers == 1
-    return shapes_ok and sequence_length is None and no_dropout
+    lengths_ok = sequence_length is None or isinstance(sequence_length, Tensor)
+    return shapes_ok and lengths_ok and no_dropout
 
 
 @register("rnn")
@@ -141,7 +158,9 @@ def _rnn(native_fn: Callable) -> Callable:
             or not tracks_grad(x, *pre_state, *weights)
         ):
             return native_fn(*args)
-        out, states = recurrence(x, pre_state, weights, bidirectional, num_layers, mode)
+        out, states = recurrence(
+            x, pre_state, weights, bidirectional, num_layers, mode, sequence_length
+        )
         return out, dropout_state, states
 
     return rnn
