@@ -948,7 +948,17 @@ def test_other_losses(name):
     _assert_exact(report)
 
 
+class _DropoutStack(nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.h = nn.LSTM(5, 8, num_layers=2, dropout=0.3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.h(self.rnn(x.reshape([6, 1, 5]).tile([1, 3, 1]))[0].mean(1))
+
+
 UNSUPPORTED = {  # name: (model, inputs, the op the error names)
+    "stacked_lstm_dropout_training": (_DropoutStack, lambda: paddle.randn([6, 5]), "rnn"),
     "maxpool3d": (
         lambda: nn.Sequential(
             nn.Conv3D(1, 2, 3, padding=1), nn.MaxPool3D(2), nn.Flatten(), nn.Linear(16, 3)
