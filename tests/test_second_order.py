@@ -317,6 +317,42 @@ LOSSES = {  # name: (loss(outputs, targets), targets for 6 x 3 outputs)
 }
 
 
+def test_rebuilt_losses_only_while_a_second_order_clone_is_alive():
+    """Beside first-order learners and in ordinary training the native loss kernels run."""
+    from paddlefsl import ops
+
+    x = paddle.randn([6, 3])
+    x.stop_gradient = False
+    t = paddle.to_tensor((np.arange(18).reshape(6, 3) % 2).astype("float32"))
+
+    def node():
+        return nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none").grad_fn.name()
+
+    model = nn.Linear(3, 3)
+    first_order = MAML(model, lr=0.1, first_order=True).clone()
+    native = node()
+    assert "SigmoidCrossEntropyWithLogits" in native, native
+    second_order = MAML(model, lr=0.1).clone()
+    assert ops.second_order_clone_alive() and node() != native
+    del second_order
+    assert node() == native and not ops.second_order_clone_alive()
+    del first_order
+
+
+def test_nll_loss_with_ignore_index_works_in_first_order_too():
+    """Paddle's kernel aborts or hangs there on a tracked input; paddlefsl's formula serves."""
+    logits = paddle.randn([6, 3])
+    logits.stop_gradient = False
+    t = _labels(6)
+    log_p = nn.functional.log_softmax(logits)
+    loss = nn.functional.nll_loss(log_p, t, ignore_index=1)
+    (g,) = paddle.grad(loss, [logits])
+    keep = t.numpy() != 1
+    expected = -log_p.numpy()[np.arange(6), t.numpy()][keep].mean()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    assert np.abs(g.numpy()[~keep]).max() == 0  # ignored rows get no gradient
+
+
 def _targets(kind):
     if kind == "class":
         return _labels(6)
@@ -344,7 +380,9 @@ def test_more_losses_match_native_and_finite_differences(float64, name):
     try:
         for installed in (False, True):
             (ops.install if installed else ops.uninstall)()
-            value = (loss if installed else reference)(model(x), t)
+            # Inside the scope, as while a second-order clone is alive: the rebuilt loss.
+            with ops.second_order_scope():
+                value = (loss if installed else reference)(model(x), t)
             results.append([value, *paddle.grad(value, model.parameters())])
     finally:
         ops.install()

@@ -145,6 +145,9 @@ class BaseLearner(paddle.nn.Layer):
         else:
             new.__dict__["_fast"] = dict(self._fast)
             source_stats = self._stats or running_statistics(self.module)
+        if not new.first_order:
+            # Losses computed from its output may be differentiated twice by adapt().
+            ops.track_second_order_clone(new)
         if self.running_stats == "isolated":
             # An uninitialised buffer holds nothing to isolate: a fused RNN's dropout
             # state (paddle.nn.GRU / LSTM / SimpleRNN), which has no memory on the CPU

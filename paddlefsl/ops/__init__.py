@@ -43,7 +43,9 @@ from ._registry import (
     is_installed,
     native,
     patched_ops,
+    second_order_clone_alive,
     second_order_scope,
+    track_second_order_clone,
     uninstall,
     whole_gradient_scope,
 )
@@ -58,4 +60,6 @@ __all__ = [
     "in_second_order_scope",
     "whole_gradient_scope",
     "in_whole_gradient_scope",
+    "track_second_order_clone",
+    "second_order_clone_alive",
 ]

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -29,6 +30,8 @@ __all__ = [
     "in_second_order_scope",
     "whole_gradient_scope",
     "in_whole_gradient_scope",
+    "track_second_order_clone",
+    "second_order_clone_alive",
 ]
 
 # name -> factory(native_fn) -> replacement_fn
@@ -167,6 +170,34 @@ def second_order_scope() -> Iterator[None]:
 def in_second_order_scope() -> bool:
     """Whether the current thread is inside :func:`second_order_scope`."""
     return getattr(_SCOPE, "depth", 0) > 0
+
+
+# Second-order clones alive (any thread): losses computed meanwhile may be differentiated
+# twice, though the user computes them outside the clone's call.
+_CLONES = [0]
+
+
+def _clone_released() -> None:
+    with _LOCK:
+        _CLONES[0] -= 1
+
+
+def track_second_order_clone(clone: object) -> None:
+    """Count ``clone`` as alive until it is garbage-collected.
+
+    While any second-order clone is alive, the replacements of ops that losses use
+    (``bce_loss``, ``nll_loss``, ``topk``, ...) take their double-differentiable form,
+    because the loss a user computes from a clone's output, outside its call, may be
+    differentiated twice by ``adapt``. Learners call this from ``clone()``.
+    """
+    with _LOCK:
+        _CLONES[0] += 1
+    weakref.finalize(clone, _clone_released)
+
+
+def second_order_clone_alive() -> bool:
+    """Whether a clone made for second-order adaptation is alive (see above)."""
+    return _CLONES[0] > 0
 
 
 @contextmanager

@@ -5,9 +5,12 @@ Paddle 3.3.1 has no double gradient for ``nll_loss``, ``bce_loss``,
 ``huber_loss`` (``SmoothL1Loss``) and ``kldiv_loss``. A loss is computed by the user's
 code, outside the learner's call and so outside
 :func:`~paddlefsl.ops.second_order_scope`, so these replacements compute the loss from
-ops with double gradients whenever a gradient is tracked (losses are small: the cost is a
-few elementwise ops on ``[N, C]``). The formulas follow Paddle's CPU kernels, clamps
-included (``bce_loss`` bounds each log at -100).
+ops with double gradients whenever a second-order clone is alive
+(:func:`~paddlefsl.ops.second_order_clone_alive`) or inside the scope; otherwise, in
+first-order meta-learning and in ordinary training beside it, the native kernels run.
+The formulas follow Paddle's CPU kernels, clamps included (``bce_loss`` bounds each log
+at -100). ``nll_loss`` with an ``ignore_index`` that names a class always takes its
+formula when a gradient is tracked: Paddle's kernel aborts or hangs there.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ._common import tracks_grad
-from ._registry import register
+from ._registry import in_second_order_scope, register, second_order_clone_alive
 
 Tensor = paddle.Tensor
 
@@ -103,12 +106,28 @@ _LOSSES: dict[str, tuple[Callable, int, Callable[[tuple], bool]]] = {
 }
 
 
+def _native_fails(name: str, args: tuple) -> bool:
+    # Paddle 3.3.1's CPU nll_loss aborts (or hangs) when ignore_index names a class and
+    # the input tracks a gradient; the formula has no such problem, so it always serves.
+    return name == "nll_loss" and 0 <= args[3] < args[0].shape[1]
+
+
 def _make(name: str, formula: Callable, tensor_args: int, covered: Callable) -> None:
     @register(name)
     def factory(native_fn: Callable) -> Callable:
         def op(*args, **kwargs):
             tensors = [a for a in args[:tensor_args] if isinstance(a, Tensor)]
-            if kwargs or len(tensors) < 2 or not tracks_grad(*tensors) or not covered(args):
+            if (
+                kwargs
+                or len(tensors) < 2
+                or not tracks_grad(*tensors)
+                or not covered(args)
+                or not (
+                    second_order_clone_alive()
+                    or in_second_order_scope()
+                    or _native_fails(name, args)
+                )
+            ):
                 return native_fn(*args, **kwargs)
             return formula(*args)
 

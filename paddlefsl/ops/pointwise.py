@@ -9,9 +9,10 @@ few-shot heads) and of ``dot`` and ``mv`` (spectral-norm hooks). Inside
 differentiate any number of times; the piecewise-linear ones become sums of shifted ReLUs
 (``relu6(x) = relu(x) - relu(x - 6)``), exact everywhere but at the kinks. Outside the
 scope the native kernels run, so forward values and first-order passes are untouched;
-``logsigmoid``, ``p_norm``, ``dot`` and ``mv``, which losses use outside any learner call too, take
-their formulas whenever a gradient is tracked. RReLU's random slopes are read back from
-the native kernel's output, so its random stream is Paddle's.
+``logsigmoid``, ``p_norm``, ``dot`` and ``mv``, which losses use outside any learner call
+too, take their formulas there as well while a second-order clone is alive. RReLU's
+random slopes are read back from the native kernel's output, so its random stream is
+Paddle's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ._common import tracks_grad
-from ._registry import in_second_order_scope, register
+from ._registry import in_second_order_scope, register, second_order_clone_alive
 
 Tensor = paddle.Tensor
 
@@ -107,7 +108,7 @@ _COVERED: dict[str, Callable[[tuple], bool]] = {
 
 # Also used by built-in losses (MultiLabelSoftMarginLoss, TripletMarginLoss) or hooks,
 # which run outside the learner's call and so outside second-order scope: these take
-# their formula whenever a gradient is tracked.
+# their formula also while a second-order clone is alive (ops.second_order_clone_alive).
 _UNSCOPED = frozenset({"logsigmoid", "p_norm", "dot", "mv"})
 
 
@@ -120,7 +121,9 @@ def _make(name: str, formula: Callable[..., Tensor]) -> None:
             tensors = [a for a in args if isinstance(a, Tensor)]
             if (
                 kwargs
-                or (name not in _UNSCOPED and not in_second_order_scope())
+                or not (
+                    in_second_order_scope() or (name in _UNSCOPED and second_order_clone_alive())
+                )
                 or not isinstance(x, Tensor)
                 or not tracks_grad(x, *tensors)
                 or (name in _COVERED and not _COVERED[name](args))

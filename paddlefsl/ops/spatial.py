@@ -12,7 +12,7 @@ CPU kernel computes them, in float32), the shuffles as reshapes and transposes,
 gather by the native kernel's indices, ``index_sample`` as ``take_along_axis``. Outside
 the scope, and for the cases not covered (5-D inputs, sizes given as tensors, bicubic),
 the native kernels run; the three selections, which losses use too, take the gather
-whenever a gradient is tracked.
+also outside it while a second-order clone is alive.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ._common import tracks_grad
-from ._registry import in_second_order_scope, register
+from ._registry import in_second_order_scope, register, second_order_clone_alive
 
 Tensor = paddle.Tensor
 
@@ -181,7 +181,8 @@ _OPS: dict[str, tuple[Callable[..., Tensor], Callable[[tuple, Tensor], bool]]] =
 
 
 # Selections also appear in losses (top-k hinge, MultiMarginLoss), which the user computes
-# outside any learner call: these take the gather whenever a gradient is tracked.
+# outside any learner call: these take the gather also while a second-order clone is
+# alive (ops.second_order_clone_alive).
 _UNSCOPED = frozenset({"topk", "argsort", "index_sample"})
 
 
@@ -194,7 +195,9 @@ def _make(name: str, formula: Callable[..., Tensor], covered: Callable) -> None:
             if (
                 # paddle.topk passes out=None: no output buffer, so nothing to honour
                 any(v is not None for v in kwargs.values())
-                or (name not in _UNSCOPED and not in_second_order_scope())
+                or not (
+                    in_second_order_scope() or (name in _UNSCOPED and second_order_clone_alive())
+                )
                 or not isinstance(x, Tensor)
                 or not tracks_grad(x)
                 or not covered(args, x)
