@@ -189,6 +189,15 @@ def track_second_order_clone(clone: object) -> None:
     (``bce_loss``, ``nll_loss``, ``topk``, ...) take their double-differentiable form,
     because the loss a user computes from a clone's output, outside its call, may be
     differentiated twice by ``adapt``. Learners call this from ``clone()``.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl import ops
+        >>> from paddlefsl.metaopt import MAML
+        >>> learner = MAML(paddle.nn.Linear(2, 2), lr=0.1).clone()  # tracked
+        >>> ops.second_order_clone_alive()
+        True
+
     """
     with _LOCK:
         _CLONES[0] += 1
@@ -196,7 +205,16 @@ def track_second_order_clone(clone: object) -> None:
 
 
 def second_order_clone_alive() -> bool:
-    """Whether a clone made for second-order adaptation is alive (see above)."""
+    """Whether a clone made for second-order adaptation is alive.
+
+    See :func:`track_second_order_clone`.
+
+    Example:
+        >>> from paddlefsl import ops
+        >>> isinstance(ops.second_order_clone_alive(), bool)
+        True
+
+    """
     return _CLONES[0] > 0
 
 
