@@ -165,6 +165,24 @@ class _Select(nn.Layer):
         return paddle.sort(x, axis=-1, descending=True)
 
 
+class _Reshape(nn.Layer):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return x.reshape(self.shape)
+
+
+class _Cumsum(nn.Layer):
+    def __init__(self, axis):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x):
+        return paddle.cumsum(x, axis=self.axis)
+
+
 class _ScaledByNorm(nn.Layer):
     """``x * |x|`` per row, with the first row zeroed: the norm's gradient there is 0."""
 
@@ -229,6 +247,20 @@ REBUILT = {  # name: (layer, input shape); shapes with distinct sizes expose a w
     "channel_shuffle_nhwc": (lambda: nn.ChannelShuffle(2, data_format="NHWC"), [2, 3, 4, 6]),
     "unfold": (lambda: nn.Unfold([2, 3]), [2, 3, 5, 6]),
     "rrelu_training": (lambda: nn.RReLU(0.1, 0.3), [3, 4]),
+    "linear_ncw_x2": (
+        lambda: nn.Upsample(scale_factor=2, mode="linear", data_format="NCW"),
+        [2, 3, 5],
+    ),
+    "linear_nwc_size_align_corners": (
+        lambda: nn.Upsample(size=[9], mode="linear", align_corners=True, data_format="NWC"),
+        [2, 5, 3],
+    ),
+    "linear_ncw_x1_7": (
+        lambda: nn.Upsample(scale_factor=1.7, mode="linear", data_format="NCW"),
+        [2, 3, 5],
+    ),
+    "cumsum_axis_1": (lambda: _Cumsum(1), [3, 4, 5]),
+    "cumsum_flattened": (lambda: _Cumsum(None), [3, 4]),
     "topk": (lambda: _Select("topk"), [3, 4, 5]),
     "sort_descending": (lambda: _Select("sort"), [3, 4, 5]),
     "unfold_strided_padded_dilated": (
@@ -661,18 +693,18 @@ def test_closed_form_scalar(float64):
 
 
 def test_unsupported_op_raises_clear_error():
-    class CumsumHead(nn.Layer):
+    class CumprodHead(nn.Layer):
         def __init__(self):
             super().__init__()
             self.linear = nn.Linear(4, 3)
 
         def forward(self, x):
-            return paddle.cumsum(self.linear(x), axis=-1)
+            return paddle.cumprod(self.linear(x), dim=-1)
 
-    maml = MAML(CumsumHead(), lr=0.1)
+    maml = MAML(CumprodHead(), lr=0.1)
     learner = maml.clone()
     loss = (learner(paddle.randn([5, 4])) ** 2).mean()
-    with pytest.raises(SecondOrderUnsupportedError, match="cumsum.*first_order=True"):
+    with pytest.raises(SecondOrderUnsupportedError, match="cumprod.*first_order=True"):
         learner.adapt(loss)
     # First order works on the same model.
     learner = maml.clone(first_order=True)
@@ -923,6 +955,18 @@ MODELS = {  # name: (model, inputs for 6 examples)
             nn.utils.spectral_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)
         ).eval(),
         lambda: paddle.randn([6, 5]),
+    ),
+    "conv1d_linear_upsample_cumsum": (
+        lambda: nn.Sequential(
+            _Reshape([6, 2, 12]),
+            nn.Conv1D(2, 3, 3),
+            nn.Tanh(),
+            nn.Upsample(scale_factor=1.5, mode="linear", data_format="NCW"),
+            _Cumsum(2),
+            nn.Flatten(),
+            nn.Linear(45, 3),
+        ),
+        lambda: paddle.randn([6, 24]),
     ),
     "weight_norm": (
         lambda: nn.Sequential(nn.utils.weight_norm(nn.Linear(5, 8)), nn.Tanh(), nn.Linear(8, 3)),

@@ -1,18 +1,20 @@
 """Resampling, rearranging and selecting in second order: Upsample, PixelShuffle, topk.
 
-Paddle 3.3.1 has no double gradient for ``nearest_interp`` / ``bilinear_interp``
-(``nn.Upsample``, ``F.interpolate``), ``pixel_shuffle``, ``channel_shuffle``, ``unfold``,
-``topk``, ``argsort`` (``paddle.sort``) and ``index_sample`` (``MultiMarginLoss``). All
+Paddle 3.3.1 has no double gradient for ``nearest_interp`` / ``bilinear_interp`` /
+``linear_interp`` (``nn.Upsample``, ``F.interpolate``), ``pixel_shuffle``,
+``channel_shuffle``, ``unfold``, ``cumsum``, ``topk``, ``argsort`` (``paddle.sort``) and
+``index_sample`` (``MultiMarginLoss``). All
 of them are linear in their input (the selections given their indices, which are
 piecewise constant), so inside :func:`~paddlefsl.ops.second_order_scope` they are rebuilt
 from ops whose gradients are linear too: interpolation as gathers along the height and
 width axes with constant weights (the source indices and weights computed as Paddle's
 CPU kernel computes them, in float32), the shuffles as reshapes and transposes,
-``unfold`` as a padded convolution with one-hot filters, ``topk`` and ``sort`` as a
+``unfold`` as a padded convolution with one-hot filters, ``cumsum`` as a product with a
+triangle of ones, ``topk`` and ``sort`` as a
 gather by the native kernel's indices, ``index_sample`` as ``take_along_axis``. Outside
 the scope, and for the cases not covered (5-D inputs, sizes given as tensors, bicubic),
-the native kernels run; the three selections, which losses use too, take the gather
-also outside it while a second-order clone is alive.
+the native kernels run; ``cumsum`` and the three selections, which losses use too, take
+their form also outside it while a second-order clone is alive.
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ def _source(
     align_corners: bool,
     method: str,
     align_mode: int,
-    height: bool,
+    arithmetic: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per output position: two source indices and their weights, as the kernel has them.
 
-    Paddle's CPU kernel computes the ratio (from a scale given in double) and the weights
-    in float32, and the half-pixel source positions in double along the height but in
-    float32 along the width (measured against the kernel); the same arithmetic here gives
-    the same indices and weights.
+    Paddle's CPU kernels keep the ratio in float32 (from a scale given in double). The
+    2-D kernel computes the half-pixel source positions in double along the height
+    (``arithmetic="height"``) and in float32 along the width (``"width"``), its weights
+    in float32; the 1-D kernel (``"linear"``) positions and weights in double (all
+    measured against the kernels). The same arithmetic here gives the same indices and
+    weights.
     """
     f32 = np.float32
     ratio = f32(0.0)
@@ -56,19 +60,20 @@ def _source(
         ones = np.ones(size_out, dtype=f32)
         return first, first, ones, np.zeros(size_out, dtype=f32)
     half_pixel = align_mode == 0 and not align_corners
-    if height:
-        exact = np.float64(ratio) * (k + 0.5) - 0.5
-        centre = exact.astype(f32)
-    else:
+    real = np.float64 if arithmetic == "linear" else f32  # the weights' type
+    if arithmetic == "width":
         exact = centre = ratio * (k.astype(f32) + f32(0.5)) - f32(0.5)
-    scaled = ratio * k.astype(f32)
+    else:
+        exact = np.float64(ratio) * (k + 0.5) - 0.5
+        centre = exact.astype(real)
+    scaled = ratio * k.astype(real)
     first = np.maximum((exact if half_pixel else scaled).astype(np.int64), 0)
     second = np.minimum(first + 1, size_in - 1)
     if half_pixel:
-        weight = np.maximum(centre, f32(0)) - first.astype(f32)
+        weight = np.maximum(centre, real(0)) - first.astype(real)
     else:
-        weight = scaled - first.astype(f32)
-    return first, second, (f32(1) - weight).astype(f32), weight.astype(f32)
+        weight = scaled - first.astype(real)
+    return first, second, (real(1) - weight).astype(real), weight.astype(real)
 
 
 def _resample_axis(x: Tensor, axis: int, source: tuple, method: str) -> Tensor:
@@ -90,17 +95,19 @@ def _resample_axis(x: Tensor, axis: int, source: tuple, method: str) -> Tensor:
 def _interpolate(method: str) -> Callable:
     def formula(x, out_size, size_tensor, scale_tensor, layout, out_d, out_h, out_w, scale,
                 interp_method, align_corners, align_mode):  # fmt: skip
-        h_axis, w_axis = (2, 3) if layout == "NCHW" else (1, 2)
-        size = [x.shape[h_axis], x.shape[w_axis]]
-        scales = list(scale) if scale else [-1.0, -1.0]
-        if len(scales) == 1:
-            scales = scales * 2
-        out = [out_h, out_w]
-        for i in range(2):
-            if out[i] <= 0:
-                out[i] = int(size[i] * scales[i])
-        for axis, n_in, n_out, s, height in zip((h_axis, w_axis), size, out, scales, (1, 0)):
-            source = _source(n_in, n_out, s, align_corners, method, align_mode, bool(height))
+        if x.ndim == 3:  # linear_interp: the width of [N, C, W] or [N, W, C] only
+            axes, arithmetic, out = [2 if layout == "NCHW" else 1], ["linear"], [out_w]
+        else:
+            axes = [2, 3] if layout == "NCHW" else [1, 2]
+            arithmetic, out = ["height", "width"], [out_h, out_w]
+        scales = list(scale) if scale else [-1.0] * len(axes)
+        if len(scales) < len(axes):
+            scales = scales * len(axes)
+        for axis, n_out, s, kind in zip(axes, out, scales, arithmetic):
+            n_in = x.shape[axis]
+            if n_out <= 0:
+                n_out = int(n_in * s)
+            source = _source(n_in, n_out, s, align_corners, method, align_mode, kind)
             x = _resample_axis(x, axis, source, method)
         return x
 
@@ -110,7 +117,7 @@ def _interpolate(method: str) -> Callable:
 def _interp_covered(args: tuple, x: Tensor) -> bool:
     out_size, size_tensor, scale_tensor, layout = args[:4]
     return (
-        x.ndim == 4
+        x.ndim in (3, 4)
         and layout in ("NCHW", "NHWC")
         and out_size is None
         and size_tensor is None
@@ -127,6 +134,21 @@ def _pixel_shuffle(x: Tensor, factor: int, data_format: str) -> Tensor:
         [n, c // (factor * factor), h * factor, w * factor]
     )
     return out.transpose([0, 2, 3, 1]) if data_format == "NHWC" else out
+
+
+def _cumsum(x: Tensor, axis: int, flatten: bool, exclusive: bool, reverse: bool) -> Tensor:
+    # A product with a triangular matrix of ones: linear, and a matmul has double gradients.
+    if flatten:
+        x, axis = x.reshape([-1]), 0
+    axis %= x.ndim
+    n = x.shape[axis]
+    rows, cols = np.arange(n).reshape(-1, 1), np.arange(n).reshape(1, -1)
+    if reverse:
+        rows, cols = cols, rows
+    keep = rows < cols if exclusive else rows <= cols
+    triangle = paddle.to_tensor(keep.astype(np.float64), dtype=x.dtype)
+    moved = paddle.moveaxis(x, axis, -1)
+    return paddle.moveaxis(paddle.matmul(moved, triangle), -1, axis)
 
 
 def _channel_shuffle(x: Tensor, groups: int, data_format: str) -> Tensor:
@@ -168,6 +190,9 @@ _NATIVE_SELECT: dict[str, Callable] = {}
 _OPS: dict[str, tuple[Callable[..., Tensor], Callable[[tuple, Tensor], bool]]] = {
     "nearest_interp": (_interpolate("nearest"), _interp_covered),
     "bilinear_interp": (_interpolate("bilinear"), _interp_covered),
+    "linear_interp": (_interpolate("bilinear"), _interp_covered),
+    # The triangle has n^2 entries: long axes stay native (and name cumsum in second order).
+    "cumsum": (_cumsum, lambda args, x: (x.size if args[1] else x.shape[args[0]]) <= 4096),
     "pixel_shuffle": (_pixel_shuffle, lambda args, x: x.ndim == 4),
     "channel_shuffle": (_channel_shuffle, lambda args, x: x.ndim == 4),
     "unfold": (_unfold, lambda args, x: x.ndim == 4 and len(args[2]) == 4),
@@ -183,7 +208,7 @@ _OPS: dict[str, tuple[Callable[..., Tensor], Callable[[tuple, Tensor], bool]]] =
 # Selections also appear in losses (top-k hinge, MultiMarginLoss), which the user computes
 # outside any learner call: these take the gather also while a second-order clone is
 # alive (ops.second_order_clone_alive).
-_UNSCOPED = frozenset({"topk", "argsort", "index_sample"})
+_UNSCOPED = frozenset({"topk", "argsort", "index_sample", "cumsum"})
 
 
 def _make(name: str, formula: Callable[..., Tensor], covered: Callable) -> None:
