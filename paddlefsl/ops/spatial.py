@@ -3,18 +3,17 @@
 Paddle 3.3.1 has no double gradient for ``nearest_interp`` / ``bilinear_interp`` /
 ``linear_interp`` (``nn.Upsample``, ``F.interpolate``), ``pixel_shuffle``,
 ``channel_shuffle``, ``unfold``, ``cumsum``, ``topk``, ``argsort`` (``paddle.sort``) and
-``index_sample`` (``MultiMarginLoss``). All
-of them are linear in their input (the selections given their indices, which are
-piecewise constant), so inside :func:`~paddlefsl.ops.second_order_scope` they are rebuilt
-from ops whose gradients are linear too: interpolation as gathers along the height and
-width axes with constant weights (the source indices and weights computed as Paddle's
-CPU kernel computes them, in float32), the shuffles as reshapes and transposes,
-``unfold`` as a padded convolution with one-hot filters, ``cumsum`` as a product with a
-triangle of ones, ``topk`` and ``sort`` as a
-gather by the native kernel's indices, ``index_sample`` as ``take_along_axis``. Outside
-the scope, and for the cases not covered (5-D inputs, sizes given as tensors, bicubic),
-the native kernels run; ``cumsum`` and the three selections, which losses use too, take
-their form also outside it while a second-order clone is alive.
+``index_sample`` (``MultiMarginLoss``). All of them are linear in their input (the
+selections given their indices, which are piecewise constant), so inside
+:func:`~paddlefsl.ops.second_order_scope` they are rebuilt from ops whose gradients are
+linear too: interpolation as gathers along each resized axis with constant weights (the
+source indices and weights computed as Paddle's CPU kernels compute them), the shuffles
+as reshapes and transposes, ``unfold`` as a padded convolution with one-hot filters,
+``cumsum`` as a product with a triangle of ones, ``topk`` and ``sort`` as a gather by the
+native kernel's indices, ``index_sample`` as ``take_along_axis``. Outside the scope, and
+for the cases not covered (5-D inputs, sizes given as tensors, bicubic), the native
+kernels run; ``cumsum`` and the three selections, which losses use too, take their form
+also outside it while a second-order clone is alive.
 """
 
 from __future__ import annotations
