@@ -133,3 +133,10 @@ def test_bench_task_batching_per_task_statistics_equal_separate_passes():
     mixed = model.features(x)  # statistics over all tasks: must differ, or the test is void
     np.testing.assert_allclose(batched.numpy(), separate.numpy(), rtol=1e-4, atol=1e-5)
     assert np.abs(mixed.numpy() - separate.numpy()).max() > 1e-3
+
+
+def test_bench_losses_prints_native_and_rebuilt_times():
+    out = run("bench_losses.py", "--shapes", "6x3", "--repeat", "1")
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["bce_with_logits", "bce", "nll", "smooth_l1", "kl_div"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
