@@ -19,6 +19,15 @@ def tracks_grad(*tensors: Tensor | None) -> bool:
     return False
 
 
+def softplus(x: Tensor) -> Tensor:
+    """``log(1 + exp(x))`` from ops with double gradients, without overflow.
+
+    ``relu(x) + log(1 + exp(-|x|))``; used by the rebuilt Mish, LogSigmoid and
+    binary cross-entropy with logits.
+    """
+    return paddle.nn.functional.relu(x) + paddle.log(1.0 + paddle.exp(-paddle.abs(x)))
+
+
 def numel(t: Tensor) -> int:
     """Element count; ``Tensor.size`` builds a NumPy product per call (about 5 us)."""
     return math.prod(t.shape)

@@ -20,14 +20,10 @@ from collections.abc import Callable
 import paddle
 import paddle.nn.functional as F
 
-from ._common import tracks_grad
+from ._common import softplus, tracks_grad
 from ._registry import in_second_order_scope, register, second_order_clone_alive
 
 Tensor = paddle.Tensor
-
-
-def _log1p_exp_neg_abs(x: Tensor) -> Tensor:
-    return paddle.log(1.0 + paddle.exp(-paddle.abs(x)))
 
 
 def _nll(x: Tensor, label: Tensor, weight: Tensor | None, ignore_index: int, reduction: str):
@@ -57,12 +53,12 @@ def _bce(x: Tensor, label: Tensor) -> Tensor:
 
 
 def _bce_logits(x, label, pos_weight, normalize, ignore_index):
-    # max(x, 0) - x * y + log(1 + exp(-|x|)), or with log_weight = pos_weight (as passed):
-    # (1 - y) x + log_weight (log(1 + exp(-|x|)) + max(-x, 0)).
+    # The kernel's max(x, 0) - x y + log(1 + exp(-|x|)) is softplus(x) - x y; with
+    # log_weight = pos_weight (as passed): (1 - y) x + log_weight softplus(-x).
     if pos_weight is None:
-        out = F.relu(x) - x * label + _log1p_exp_neg_abs(x)
+        out = softplus(x) - x * label
     else:
-        out = (1.0 - label) * x + pos_weight * (_log1p_exp_neg_abs(x) + F.relu(-x))
+        out = (1.0 - label) * x + pos_weight * softplus(-x)
     keep = (label != ignore_index).astype(x.dtype)
     out = out * keep
     if normalize:

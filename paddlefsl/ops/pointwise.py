@@ -22,15 +22,10 @@ from collections.abc import Callable
 import paddle
 import paddle.nn.functional as F
 
-from ._common import tracks_grad
-from ._registry import in_second_order_scope, register, second_order_clone_alive
+from ._common import softplus, tracks_grad
+from ._registry import in_second_order_scope, native, register, second_order_clone_alive
 
 Tensor = paddle.Tensor
-
-
-def _softplus(x: Tensor) -> Tensor:
-    """``log(1 + exp(x))`` without overflow: ``relu(x) + log(1 + exp(-|x|))``."""
-    return F.relu(x) + paddle.log(1.0 + paddle.exp(-paddle.abs(x)))
 
 
 def _clip(x: Tensor, low: float, high: float) -> Tensor:
@@ -63,13 +58,11 @@ def _rrelu(x: Tensor, lower: float, upper: float, is_test: bool) -> Tensor:
     # The kernel draws the negative slopes; read them back from its output, so the
     # random stream and the values are Paddle's: out = x * slope, slope = 1 where x >= 0.
     with paddle.no_grad():
-        out = _NATIVE["rrelu"](x, lower, upper, is_test)
+        out = native("rrelu")(x, lower, upper, is_test)
         nonzero = x != 0
         slope = paddle.where(nonzero, out / paddle.where(nonzero, x, paddle.ones_like(x)), 1.0)
     return x * slope
 
-
-_NATIVE: dict[str, Callable] = {}
 
 # name -> formula(x, *attributes); the attributes are those of the _C_ops entry point.
 _FORMULAS: dict[str, Callable[..., Tensor]] = {
@@ -79,8 +72,8 @@ _FORMULAS: dict[str, Callable[..., Tensor]] = {
     "hardswish": lambda x: x * _clip(x + 3.0, 0.0, 6.0) / 6.0,
     "swish": lambda x: x * F.sigmoid(x),
     # Paddle's mish switches its softplus to x above `threshold` (20): exp(-20) apart.
-    "mish": lambda x, threshold: x * paddle.tanh(_softplus(x)),
-    "logsigmoid": lambda x: -_softplus(-x),
+    "mish": lambda x, threshold: x * paddle.tanh(softplus(x)),
+    "logsigmoid": lambda x: -softplus(-x),
     "softsign": lambda x: x / (1.0 + paddle.abs(x)),
     "tanh_shrink": lambda x: x - paddle.tanh(x),
     "softshrink": lambda x, threshold: F.relu(x - threshold) - F.relu(-x - threshold),
@@ -115,8 +108,6 @@ _UNSCOPED = frozenset({"logsigmoid", "p_norm", "dot", "mv"})
 def _make(name: str, formula: Callable[..., Tensor]) -> None:
     @register(name)
     def factory(native_fn: Callable) -> Callable:
-        _NATIVE[name] = native_fn
-
         def op(x, *args, **kwargs):
             tensors = [a for a in args if isinstance(a, Tensor)]
             if (

@@ -25,7 +25,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ._common import tracks_grad
-from ._registry import in_second_order_scope, register, second_order_clone_alive
+from ._registry import in_second_order_scope, native, register, second_order_clone_alive
 
 Tensor = paddle.Tensor
 
@@ -173,17 +173,15 @@ def _topk(x: Tensor, k, axis: int, largest: bool, sorted_: bool):
     # The selection comes from the native kernel; the values are a gather of x by it, and
     # a gather's gradient is linear in x.
     with paddle.no_grad():
-        _, indices = _NATIVE_SELECT["topk"](x, k, axis, largest, sorted_)
+        _, indices = native("topk")(x, k, axis, largest, sorted_)
     return paddle.take_along_axis(x, indices, axis), indices
 
 
 def _sort(x: Tensor, axis: int, descending: bool, stable: bool):
     with paddle.no_grad():
-        _, indices = _NATIVE_SELECT["argsort"](x, axis, descending, stable)
+        _, indices = native("argsort")(x, axis, descending, stable)
     return paddle.take_along_axis(x, indices, axis), indices
 
-
-_NATIVE_SELECT: dict[str, Callable] = {}
 
 # name -> (formula(x, *attributes), covered(attributes, x))
 _OPS: dict[str, tuple[Callable[..., Tensor], Callable[[tuple, Tensor], bool]]] = {
@@ -213,8 +211,6 @@ _UNSCOPED = frozenset({"topk", "argsort", "index_sample", "cumsum"})
 def _make(name: str, formula: Callable[..., Tensor], covered: Callable) -> None:
     @register(name)
     def factory(native_fn: Callable) -> Callable:
-        _NATIVE_SELECT[name] = native_fn
-
         def op(x, *args, **kwargs):
             if (
                 # paddle.topk passes out=None: no output buffer, so nothing to honour
