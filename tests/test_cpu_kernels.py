@@ -300,18 +300,15 @@ def _meta_gradient(model_seed, learner_kind, first_order, pooling):
 def test_meta_gradient_is_the_same_with_the_kernels_off(
     kernels, monkeypatch, learner_kind, first_order, pooling
 ):
-    from paddlefsl.ops import activation
-
     fsl_ops.install()
-    # These small networks stay below the size where relu pays on the kernel; lower the
-    # bar so that it runs here too.
-    monkeypatch.setattr(activation, "_MIN_FAST_ELEMENTS", 1)
     calls = []
     watched = (
         "channel_bias_add",
         "relu",
         "batch_norm_train",
         "batch_norm_backward",
+        "batch_norm_relu_train",
+        "batch_norm_relu_backward",
         "batch_norm_double_backward",
     )
     for name in watched:
@@ -324,12 +321,13 @@ def test_meta_gradient_is_the_same_with_the_kernels_off(
         monkeypatch.setattr(cpu_kernels, name, spy)
     on, on_buffers = _meta_gradient(0, learner_kind, first_order, pooling)
     # Conv4's conv biases are folded into the convolutions (ops.conv), so the bias add
-    # kernel has nothing to do here; test_channel_bias_* cover it.
-    expected = {"relu", "batch_norm_train", "batch_norm_backward"}
+    # kernel has nothing to do here; test_channel_bias_* cover it. Its BatchNorm and ReLU
+    # are one fused layer (models.BatchNormReLU2D).
+    expected = {"batch_norm_relu_train", "batch_norm_relu_backward"}
     if learner_kind == "maml" and not first_order:
-        expected.discard("relu")  # under second order relu stays native (memory)
         expected.add("batch_norm_double_backward")
     assert expected <= set(calls)
+    assert not {"relu", "batch_norm_train"} & set(calls)
     monkeypatch.setenv("PADDLEFSL_CPU_KERNELS", "0")
     calls.clear()
     off, off_buffers = _meta_gradient(0, learner_kind, first_order, pooling)

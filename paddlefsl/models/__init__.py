@@ -1,6 +1,7 @@
-"""Standard few-shot backbones (plain ``paddle.nn`` layers)."""
+"""Standard few-shot backbones, and a fused BatchNorm + ReLU layer they use."""
 
 from .conv4 import Conv4
+from .layers import BatchNormReLU2D
 from .mlp import MLP
 
-__all__ = ["Conv4", "MLP"]
+__all__ = ["BatchNormReLU2D", "Conv4", "MLP"]

@@ -49,8 +49,10 @@ from ._registry import (
     uninstall,
     whole_gradient_scope,
 )
+from .norm import batch_norm_relu
 
 __all__ = [
+    "batch_norm_relu",
     "install",
     "uninstall",
     "is_installed",

@@ -163,15 +163,29 @@ std::vector<paddle::Tensor> ReluGrad(const paddle::Tensor& y_in, const paddle::T
 
 // ------------------------------------------------------------- train-mode BatchNorm
 
+namespace {
+
+// The affine map of channel c after normalisation: y = x * scale + shift. The forward and
+// the fused ReLU backward both compute it from the same float inputs with the same two
+// operations (no FMA contraction: the build targets baseline x86-64), so the backward's
+// ReLU mask is exactly the forward's.
+struct ChannelAffine {
+  float scale, shift;
+  ChannelAffine(float w, float b, float mean, float inv_std)
+      : scale(w * inv_std), shift(b - mean * (w * inv_std)) {}
+  float operator()(float x) const { return x * scale + shift; }
+};
+
 // y = w * (x - mean) / sqrt(var + eps) + b with the biased batch variance (as Paddle's
-// kernel); updates the running statistics in place, running = m * running + (1 - m) * batch,
-// and returns the batch mean and 1 / sqrt(var + eps) for the backward.
-std::vector<paddle::Tensor> BatchNormTrain(const paddle::Tensor& x_in, const paddle::Tensor& w,
-                                           const paddle::Tensor& b,
-                                           const paddle::Tensor& running_mean,
-                                           const paddle::Tensor& running_var, float momentum,
-                                           float epsilon, int threads) {
-  const char* op = "pfsl_batch_norm_train";
+// kernel), then max(y, 0) when kRelu; updates the running statistics in place,
+// running = m * running + (1 - m) * batch, and returns the batch mean and
+// 1 / sqrt(var + eps) for the backward.
+template <bool kRelu>
+std::vector<paddle::Tensor> batch_norm_train(const char* op, const paddle::Tensor& x_in,
+                                             const paddle::Tensor& w, const paddle::Tensor& b,
+                                             const paddle::Tensor& running_mean,
+                                             const paddle::Tensor& running_var, float momentum,
+                                             float epsilon, int threads) {
   const Dims d = channel_dims(op, x_in);
   check_vector(op, "weight", w, d.c);
   check_vector(op, "bias", b, d.c);
@@ -217,12 +231,14 @@ std::vector<paddle::Tensor> BatchNormTrain(const paddle::Tensor& x_in, const pad
     const double var =
         count > 0 ? std::max(squares / count - shifted_mean * shifted_mean, 0.0) : 0.0;
     const float inv = static_cast<float>(1.0 / std::sqrt(var + epsilon));
-    const float scale = wp[c] * inv;
-    const float shift = bp[c] - muf * scale;
+    const ChannelAffine affine(wp[c], bp[c], muf, inv);
     for (int64_t n = 0; n < d.n; ++n) {
       const float* row = xp + (n * d.c + c) * d.s;
       float* out = yp + (n * d.c + c) * d.s;
-      for (int64_t i = 0; i < d.s; ++i) out[i] = row[i] * scale + shift;
+      for (int64_t i = 0; i < d.s; ++i) {
+        const float y = affine(row[i]);
+        out[i] = kRelu ? (y > 0.0f ? y : 0.0f) : y;
+      }
     }
     mp[c] = muf;
     ip[c] = inv;
@@ -233,14 +249,19 @@ std::vector<paddle::Tensor> BatchNormTrain(const paddle::Tensor& x_in, const pad
 }
 
 // First-order backward of the above: x_hat = (x - mean) * inv_std,
-// db = sum dy, dw = sum dy * x_hat, dx = w * inv_std * (dy - db / M - x_hat * dw / M).
-std::vector<paddle::Tensor> BatchNormGrad(const paddle::Tensor& x_in, const paddle::Tensor& dy_in,
-                                          const paddle::Tensor& w, const paddle::Tensor& mean,
-                                          const paddle::Tensor& inv_std, int threads) {
-  const char* op = "pfsl_batch_norm_backward";
+// db = sum g, dw = sum g * x_hat, dx = w * inv_std * (g - db / M - x_hat * dw / M), where
+// g = dy, or with kRelu g = dy where the forward's pre-ReLU output was positive, else 0
+// (the mask recomputed from x, so the output need not be read; b only serves the mask).
+template <bool kRelu>
+std::vector<paddle::Tensor> batch_norm_backward(const char* op, const paddle::Tensor& x_in,
+                                                const paddle::Tensor& dy_in,
+                                                const paddle::Tensor& w, const paddle::Tensor& b,
+                                                const paddle::Tensor& mean,
+                                                const paddle::Tensor& inv_std, int threads) {
   const Dims d = channel_dims(op, x_in);
   check_same(op, "dy", dy_in, x_in);
   check_vector(op, "weight", w, d.c);
+  if (kRelu) check_vector(op, "bias", b, d.c);
   check_vector(op, "mean", mean, d.c);
   check_vector(op, "inv_std", inv_std, d.c);
   const auto x = contiguous(x_in);
@@ -253,12 +274,16 @@ std::vector<paddle::Tensor> BatchNormGrad(const paddle::Tensor& x_in, const padd
   const float* wp = w.data<float>();
   const float* mp = mean.data<float>();
   const float* ip = inv_std.data<float>();
+  const float* bp = kRelu ? b.data<float>() : nullptr;
   float* dxp = dx.data<float>();
   float* dwp = dw.data<float>();
   float* dbp = db.data<float>();
   const double count = static_cast<double>(d.n * d.s);
   per_channel(d, threads, [&](int64_t c) {
     const float mu = mp[c], inv = ip[c];
+    const ChannelAffine affine(wp[c], kRelu ? bp[c] : 0.0f, mu, inv);
+    // The gradient reaching the normalisation: dy, through the ReLU's mask when fused.
+    auto grad = [&](float x, float dy) { return !kRelu || affine(x) > 0.0f ? dy : 0.0f; };
     double sum_dy = 0.0, sum_dy_xhat = 0.0;
     for (int64_t n = 0; n < d.n; ++n) {
       const float* xr = xp + (n * d.c + c) * d.s;
@@ -266,8 +291,9 @@ std::vector<paddle::Tensor> BatchNormGrad(const paddle::Tensor& x_in, const padd
       float a = 0.0f, b = 0.0f;
 #pragma omp simd reduction(+ : a, b)
       for (int64_t i = 0; i < d.s; ++i) {
-        a += gr[i];
-        b += gr[i] * (xr[i] - mu);
+        const float g = grad(xr[i], gr[i]);
+        a += g;
+        b += g * (xr[i] - mu);
       }
       sum_dy += a;
       sum_dy_xhat += b;
@@ -284,10 +310,45 @@ std::vector<paddle::Tensor> BatchNormGrad(const paddle::Tensor& x_in, const padd
       const float* gr = gp + (n * d.c + c) * d.s;
       float* out = dxp + (n * d.c + c) * d.s;
       for (int64_t i = 0; i < d.s; ++i)
-        out[i] = scale * (gr[i] - mean_dy - (xr[i] - mu) * slope);
+        out[i] = scale * (grad(xr[i], gr[i]) - mean_dy - (xr[i] - mu) * slope);
     }
   });
   return {dx, dw, db};
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> BatchNormTrain(const paddle::Tensor& x, const paddle::Tensor& w,
+                                           const paddle::Tensor& b,
+                                           const paddle::Tensor& running_mean,
+                                           const paddle::Tensor& running_var, float momentum,
+                                           float epsilon, int threads) {
+  return batch_norm_train<false>("pfsl_batch_norm_train", x, w, b, running_mean, running_var,
+                                 momentum, epsilon, threads);
+}
+
+std::vector<paddle::Tensor> BatchNormReluTrain(const paddle::Tensor& x, const paddle::Tensor& w,
+                                               const paddle::Tensor& b,
+                                               const paddle::Tensor& running_mean,
+                                               const paddle::Tensor& running_var,
+                                               float momentum, float epsilon, int threads) {
+  return batch_norm_train<true>("pfsl_batch_norm_relu_train", x, w, b, running_mean,
+                                running_var, momentum, epsilon, threads);
+}
+
+std::vector<paddle::Tensor> BatchNormGrad(const paddle::Tensor& x, const paddle::Tensor& dy,
+                                          const paddle::Tensor& w, const paddle::Tensor& mean,
+                                          const paddle::Tensor& inv_std, int threads) {
+  return batch_norm_backward<false>("pfsl_batch_norm_backward", x, dy, w, w, mean, inv_std,
+                                    threads);
+}
+
+std::vector<paddle::Tensor> BatchNormReluGrad(const paddle::Tensor& x, const paddle::Tensor& dy,
+                                              const paddle::Tensor& w, const paddle::Tensor& b,
+                                              const paddle::Tensor& mean,
+                                              const paddle::Tensor& inv_std, int threads) {
+  return batch_norm_backward<true>("pfsl_batch_norm_relu_backward", x, dy, w, b, mean, inv_std,
+                                   threads);
 }
 
 // Double backward of train-mode BatchNorm: the vector-Jacobian product of
@@ -534,6 +595,10 @@ std::vector<Shape> XAndTwoChannelShapes(const Shape& x, const Shape&, const Shap
                                         const Shape&) {
   return {x, channels(x), channels(x)};
 }
+std::vector<Shape> XAndTwoChannelShapesOf6(const Shape& x, const Shape&, const Shape&,
+                                            const Shape&, const Shape&, const Shape&) {
+  return {x, channels(x), channels(x)};
+}
 // Double backward: gx and gdy shaped like x, gw per channel.
 std::vector<Shape> DoubleGradShapes(const Shape& x, const Shape&, const Shape&, const Shape&,
                                     const Shape&, const Shape&, const Shape&, const Shape&) {
@@ -553,6 +618,10 @@ std::vector<DType> F32x1(const DType&) { return {DType::FLOAT32}; }
 std::vector<DType> F32x1Of2(const DType&, const DType&) { return {DType::FLOAT32}; }
 std::vector<DType> F32x3Of5(const DType&, const DType&, const DType&, const DType&,
                             const DType&) {
+  return {DType::FLOAT32, DType::FLOAT32, DType::FLOAT32};
+}
+std::vector<DType> F32x3Of6(const DType&, const DType&, const DType&, const DType&,
+                            const DType&, const DType&) {
   return {DType::FLOAT32, DType::FLOAT32, DType::FLOAT32};
 }
 std::vector<DType> F32x3Of8(const DType&, const DType&, const DType&, const DType&,
@@ -608,6 +677,22 @@ PD_BUILD_OP(pfsl_batch_norm_backward)
     .SetKernelFn(PD_KERNEL(BatchNormGrad))
     .SetInferShapeFn(PD_INFER_SHAPE(XAndTwoChannelShapes))
     .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of5));
+
+PD_BUILD_OP(pfsl_batch_norm_relu_train)
+    .Inputs({"X", "W", "B", "RunningMean", "RunningVar"})
+    .Outputs({"Y", "Mean", "InvStd"})
+    .Attrs({"momentum: float", "epsilon: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(BatchNormReluTrain))
+    .SetInferShapeFn(PD_INFER_SHAPE(XAndTwoChannelShapes))
+    .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of5));
+
+PD_BUILD_OP(pfsl_batch_norm_relu_backward)
+    .Inputs({"X", "DY", "W", "B", "Mean", "InvStd"})
+    .Outputs({"DX", "DW", "DB"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(BatchNormReluGrad))
+    .SetInferShapeFn(PD_INFER_SHAPE(XAndTwoChannelShapesOf6))
+    .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of6));
 
 PD_BUILD_OP(pfsl_batch_norm_double_backward)
     .Inputs({"X", "DY", "W", "Mean", "InvStd", "DDX", "DDW", "DDB"})

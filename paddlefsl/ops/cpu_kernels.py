@@ -48,6 +48,8 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_backward",
     "batch_norm_double_backward",
+    "batch_norm_relu_train",
+    "batch_norm_relu_backward",
     "max_pool2d",
     "max_pool2d_backward",
 ]
@@ -257,6 +259,75 @@ def batch_norm_double_backward(
         present,
     )
     return gx, gw, gdy
+
+
+def batch_norm_relu_train(
+    x: paddle.Tensor,
+    weight: paddle.Tensor,
+    bias: paddle.Tensor,
+    running_mean: paddle.Tensor,
+    running_var: paddle.Tensor,
+    momentum: float,
+    epsilon: float,
+) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """:func:`batch_norm_train` followed by ReLU, in the same pass: ``(relu(y), mean, inv_std)``.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x = paddle.to_tensor([[1.0], [3.0]])  # N=2, C=1
+        >>> stats = [paddle.zeros([1]), paddle.ones([1])]
+        >>> if cpu_kernels.usable(x):
+        ...     z, mean, inv_std = cpu_kernels.batch_norm_relu_train(
+        ...         x, paddle.ones([1]), paddle.zeros([1]), *stats, 0.9, 0.0)
+        ...     print(z.flatten().tolist())
+        ... else:
+        ...     print([0.0, 1.0])
+        [0.0, 1.0]
+
+    """
+    z, mean, inv_std = onednn.run_op(
+        "pfsl_batch_norm_relu_train",
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        float(momentum),
+        float(epsilon),
+    )
+    return z, mean, inv_std
+
+
+def batch_norm_relu_backward(
+    x: paddle.Tensor,
+    dz: paddle.Tensor,
+    weight: paddle.Tensor,
+    bias: paddle.Tensor,
+    mean: paddle.Tensor,
+    inv_std: paddle.Tensor,
+) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """First-order gradients ``(dx, dweight, dbias)`` of :func:`batch_norm_relu_train`.
+
+    The ReLU's mask is recomputed from ``x`` and the statistics (exactly the forward's),
+    so the output is not read.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x, dz = paddle.to_tensor([[1.0], [3.0]]), paddle.to_tensor([[1.0], [1.0]])
+        >>> if cpu_kernels.usable(x):  # only the positive output passes its gradient
+        ...     dx, dw, db = cpu_kernels.batch_norm_relu_backward(
+        ...         x, dz, paddle.ones([1]), paddle.zeros([1]),
+        ...         paddle.to_tensor([2.0]), paddle.to_tensor([1.0]))
+        ...     print(dx.flatten().tolist(), dw.tolist(), db.tolist())
+        ... else:
+        ...     print([0.0, 0.0], [1.0], [1.0])
+        [0.0, 0.0] [1.0] [1.0]
+
+    """
+    dx, dw, db = onednn.run_op("pfsl_batch_norm_relu_backward", x, dz, weight, bias, mean, inv_std)
+    return dx, dw, db
 
 
 def max_pool2d(

@@ -427,3 +427,124 @@ def _group_norm(native_fn: Callable) -> Callable:
         return _GroupNorm.apply(x, weight, bias, epsilon, groups)
 
     return group_norm
+
+
+@dataclass
+class _RunningStatistics:
+    """The buffers and settings of a train-mode forward.
+
+    Kept out of the PyLayer's inputs, where every tensor would need a gradient slot.
+    """
+
+    mean: paddle.Tensor
+    var: paddle.Tensor
+    momentum: float
+    epsilon: float
+
+
+class _BatchNormReLU(paddle.autograd.PyLayer):
+    """Train-mode BatchNorm then ReLU on the CPU kernels: one node, one pass each way.
+
+    The first-order backward recomputes the ReLU's mask from ``x`` inside the BatchNorm
+    backward kernel. A recorded backward (MAML's inner step) masks ``dz`` with the saved
+    output (the mask is a constant: ReLU's second derivative is zero) and continues as
+    :class:`_BatchNorm` does, through the one-node :class:`_BatchNormBackward`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running: _RunningStatistics):
+        z, mean, inv_std = cpu_kernels.batch_norm_relu_train(
+            x, weight, bias, running.mean, running.var, running.momentum, running.epsilon
+        )
+        ctx.required = requires(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.saved = _SavedStatistics(mean, inv_std, running.epsilon)
+        ctx.out = z.detach()  # not z itself: saving a PyLayer's own output leaks the graph
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        x, weight, bias = ctx.saved_tensor()
+        saved: _SavedStatistics = ctx.saved
+        if not creating_graph():
+            grads = cpu_kernels.batch_norm_relu_backward(
+                x, dz, weight, bias, saved.mean, saved.inv_std
+            )
+            return only_required(grads, ctx.required)
+        # A product with a constant mask, differentiable to any order (Paddle's
+        # relu_grad stops at second order).
+        dy = dz * (ctx.out > 0).astype(dz.dtype)
+        return only_required(_BatchNormBackward.apply(x, dy, weight, saved), ctx.required)
+
+
+_CHANNEL_FIRST = ("NCHW", "NC", "NCL", "NCDHW")
+
+
+def batch_norm_relu(
+    x: paddle.Tensor,
+    running_mean: paddle.Tensor,
+    running_var: paddle.Tensor,
+    weight: paddle.Tensor | None,
+    bias: paddle.Tensor | None,
+    training: bool = False,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+    data_format: str = "NCHW",
+    use_global_stats: bool | None = None,
+) -> paddle.Tensor:
+    """``relu(batch_norm(x, ...))``, fused on the CPU kernels when it can be.
+
+    The arguments are those of :func:`paddle.nn.functional.batch_norm`. Training with
+    batch statistics, channel-first float32 on the CPU kernels, with a weight and a bias:
+    one kernel normalises and rectifies, and one computes the three gradients (ReLU's
+    mask included), saving two passes over the activations and two op dispatches each
+    way. A recorded backward (``create_graph=True``) is differentiable again, so
+    second-order MAML gets exact meta-gradients through it. Anything else
+    runs ``paddle.nn.functional.relu(paddle.nn.functional.batch_norm(...))``.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import batch_norm_relu
+        >>> x = paddle.randn([8, 3, 5, 5])
+        >>> mean, var = paddle.zeros([3]), paddle.ones([3])
+        >>> w, b = paddle.ones([3]), paddle.zeros([3])
+        >>> z = batch_norm_relu(x, mean, var, w, b, training=True)
+        >>> ref = paddle.nn.functional.relu(paddle.nn.functional.batch_norm(
+        ...     x, paddle.zeros([3]), paddle.ones([3]), w, b, training=True))
+        >>> bool(paddle.allclose(z, ref, atol=1e-5))
+        True
+        >>> bool(paddle.allclose(mean, 0.1 * x.mean([0, 2, 3]), atol=1e-6))  # updated in place
+        True
+
+    """
+    fused = (
+        training
+        and not use_global_stats
+        and data_format in _CHANNEL_FIRST
+        and isinstance(x, paddle.Tensor)
+        and x.ndim >= 2
+        and weight is not None
+        and bias is not None
+        and cpu_kernels.usable(x, weight, bias, running_mean, running_var)
+    )
+    if not fused:
+        functional = paddle.nn.functional
+        y = functional.batch_norm(
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training=training,
+            momentum=momentum,
+            epsilon=epsilon,
+            data_format=data_format,
+            use_global_stats=use_global_stats,
+        )
+        return functional.relu(y)
+    if not tracks_grad(x, weight, bias):
+        return cpu_kernels.batch_norm_relu_train(
+            x, weight, bias, running_mean, running_var, momentum, epsilon
+        )[0]
+    running = _RunningStatistics(running_mean, running_var, momentum, epsilon)
+    return _BatchNormReLU.apply(x, weight, bias, running)
