@@ -140,3 +140,13 @@ def test_bench_losses_prints_native_and_rebuilt_times():
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [r[0] for r in rows] == ["bce_with_logits", "bce", "nll", "smooth_l1", "kl_div"]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_bench_batch_norm_relu_prints_both_times_per_shape():
+    if not cpu_kernels.usable(paddle.zeros([1])):
+        pytest.skip("CPU kernels unavailable")
+    out = run("bench_batch_norm_relu.py", "--repeats", "1")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("[")]
+    assert len(rows) == 8  # support and query sets through the four W1s blocks
+    assert all(float(r[-3]) > 0 and float(r[-2]) > 0 for r in rows)
+    assert "W1s meta-iteration" in out
