@@ -35,7 +35,7 @@ import paddle
 import paddle.nn.functional as F
 
 from paddlefsl import ops
-from paddlefsl.models import Conv4
+from paddlefsl.models import BatchNormReLU2D, Conv4
 from paddlefsl.ops import onednn
 from paddlefsl.runtime import tune_allocator
 
@@ -72,7 +72,9 @@ def features_per_task_statistics(model: Conv4, x: paddle.Tensor, tasks: int) -> 
     h = x
     for layer in model.features:
         for sub in layer.children() if isinstance(layer, paddle.nn.Sequential) else [layer]:
-            if isinstance(sub, paddle.nn.BatchNorm2D):
+            if isinstance(sub, BatchNormReLU2D):  # Conv4's BatchNorm + ReLU
+                h = F.relu(per_task_norm(h, sub, tasks))
+            elif isinstance(sub, paddle.nn.BatchNorm2D):
                 h = per_task_norm(h, sub, tasks)
             else:
                 h = sub(h)
