@@ -2,7 +2,7 @@
 
 The fused kernels against the two layers they replace: the raw kernels against the
 unfused kernels run one after the other, the op's output, running statistics and
-gradients (first and second order, float32) against ``relu(batch_norm(...))`` in
+gradients (to third order, float32) against ``relu(batch_norm(...))`` in
 float64 (whose derivatives test_second_order.py checks against finite differences), the
 fallbacks for what the kernels cannot take, and the layer against the pair of layers.
 Skips the kernel tests where the library cannot be built (see test_onednn.py).
@@ -111,7 +111,7 @@ def _inputs(seed, shape=(6, 4, 5, 5)):
     return x, [paddle.randn([c]), paddle.rand([c]) + 0.5], w, b
 
 
-def test_op_matches_float64_reference_to_second_order(kernels, monkeypatch):
+def test_op_matches_float64_reference_to_third_order(kernels, monkeypatch):
     fsl_ops.install()  # the float64 reference's BatchNorm needs the double-differentiable op
     calls = []
     for name in ("batch_norm_relu_train", "batch_norm_relu_backward"):
@@ -128,11 +128,11 @@ def test_op_matches_float64_reference_to_second_order(kernels, monkeypatch):
         assert _relative_error(got.numpy(), ref.numpy()) < 1e-6  # running statistics
     dz = paddle.randn(x.shape)
     ours, theirs = [x, w, b], [xd, wd, bd]
-    # First and second order (MAML's), the second of a scalar of the first gradients.
+    # Three orders (MAML needs two), each of a scalar of the previous gradients.
     loss_ours = (paddle.tanh(z) * dz).sum()
     loss_theirs = (paddle.tanh(want) * dz.astype("float64")).sum()
-    for order in (1, 2):
-        last = order == 2
+    for order in (1, 2, 3):
+        last = order == 3
         g_ours = paddle.grad(loss_ours, ours, create_graph=not last)
         g_theirs = paddle.grad(loss_theirs, theirs, create_graph=not last)
         for i, (a, c) in enumerate(zip(g_ours, g_theirs)):

@@ -13,7 +13,7 @@ class BatchNormReLU2D(nn.BatchNorm2D):
 
     A drop-in for ``nn.Sequential(nn.BatchNorm2D(c), nn.ReLU())``: the same parameters
     and buffers (``weight``, ``bias``, ``_mean``, ``_variance``, so the same state-dict
-    keys as ``BatchNorm2D``), the same outputs and gradients (second order included). In training
+    keys as ``BatchNorm2D``), the same outputs and gradients, to any order. In training
     mode on float32 CPU tensors the normalisation and the rectification are one kernel
     forward and one backward (:func:`paddlefsl.ops.batch_norm_relu`), which saves two
     passes over the activations and two op dispatches each way; otherwise it runs the

@@ -498,8 +498,8 @@ def batch_norm_relu(
     batch statistics, channel-first float32 on the CPU kernels, with a weight and a bias:
     one kernel normalises and rectifies, and one computes the three gradients (ReLU's
     mask included), saving two passes over the activations and two op dispatches each
-    way. A recorded backward (``create_graph=True``) is differentiable again, so
-    second-order MAML gets exact meta-gradients through it. Anything else
+    way. Exact to any order: a recorded backward (``create_graph=True``, second-order
+    MAML) is differentiable again. Anything else
     runs ``paddle.nn.functional.relu(paddle.nn.functional.batch_norm(...))``.
 
     Example:
