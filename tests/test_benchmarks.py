@@ -150,3 +150,12 @@ def test_bench_batch_norm_relu_prints_both_times_per_shape():
     assert len(rows) == 8  # support and query sets through the four W1s blocks
     assert all(float(r[-3]) > 0 and float(r[-2]) > 0 for r in rows)
     assert "W1s meta-iteration" in out
+
+
+def test_onednn_breakdown_splits_a_task_into_primitive_kinds():
+    if not onednn.available():
+        pytest.skip("oneDNN kernels unavailable")
+    out = run("onednn_breakdown.py", "--tasks", "2", "--warmup", "1", "--top", "3")
+    kinds = {line.split()[0] for line in out.splitlines()[1:] if "%" in line}
+    assert "convolution" in kinds
+    assert "mb75_ic64oc64_ih14oh7" in out  # the strided second layer's query batch
