@@ -96,8 +96,9 @@ def test_bias_variants_match_paddle(ops, shape, out_channels, k, stride, padding
     close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
 
 
-# Filter gradients with C*KH*KW <= 27 run as unfolded products (gemm_filter_gradient):
-# several blocks of output rows, 5x5 windows, 1x1 windows, padding beyond the window.
+# Forwards and filter gradients with C*KH*KW <= 27 run as unfolded products
+# (gemm_forward, gemm_filter_gradient): several blocks of output rows, 5x5 windows, 1x1
+# windows, padding beyond the window.
 FEW_CHANNEL_CASES = [
     ((2, 3, 84, 84), 32, 3, 1, 1),  # miniImageNet's first layer: 14 blocks of rows
     ((3, 1, 28, 28), 64, 3, 2, 1),  # Omniglot's strided first layer
@@ -110,13 +111,17 @@ FEW_CHANNEL_CASES = [
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape, out_channels, k, stride, padding", FEW_CHANNEL_CASES)
-def test_few_channel_filter_gradients_match_paddle(
+def test_few_channel_forwards_and_filter_gradients_match_paddle(
     ops, shape, out_channels, k, stride, padding, threads
 ):
     x = paddle.randn(shape)
     w = paddle.randn([out_channels, shape[1], k, k]) * 0.1
-    _, dy, _, dw = reference(x, w, stride, padding)
+    b = paddle.randn([out_channels])
+    y, dy, _, dw = reference(x, w, stride, padding)
     what = f"{shape} -> {out_channels}, k{k} s{stride} p{padding}, {threads} thread(s)"
+    close(ops.conv2d_forward(x, w, stride, padding, threads=threads), y, "forward " + what)
+    got = ops.conv2d_forward_bias(x, w, b, stride, padding, threads=threads)
+    close(got, y + b.reshape([1, -1, 1, 1]), "forward_bias " + what)
     got = ops.conv2d_backward_weight(x, dy, [stride] * 2, [padding] * 2, [k, k], threads)
     close(got, dw, "backward_weight " + what)
     got_dw, got_db = ops.conv2d_backward_weight_bias(x, dy, stride, padding, [k, k], threads)

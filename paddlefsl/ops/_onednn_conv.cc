@@ -18,9 +18,9 @@
 // kept, and the filter-gradient op that gets the same x uses it instead of reordering x
 // again (see KeptInputs).
 //
-// Filter gradients of convolutions with few input channels (C*KH*KW <= 27: an image
-// network's first layer) are products of matrices on oneDNN's sgemm instead of its
-// convolution kernels (see gemm_filter_gradient_applies).
+// Filter gradients and forwards of convolutions with few input channels (C*KH*KW <= 27:
+// an image network's first layer) are products of matrices on oneDNN's sgemm instead of
+// its convolution kernels (see gemm_filter_gradient_applies and gemm_forward).
 //
 // strides = {sh, sw}; paddings = {ph, pw}, applied on both sides; threads >= 1 is the
 // OpenMP team size for this call only (the caller's setting is restored afterwards, so
@@ -506,6 +506,9 @@ paddle::Tensor contiguous(const paddle::Tensor& t) {
 // ------------------------------------------------------------------------- kernels
 
 namespace {
+void gemm_forward(const Geometry& g, int threads, const paddle::Tensor& x,
+                  const paddle::Tensor& w, const paddle::Tensor* b, paddle::Tensor& y);
+
 // The forward op, with (b != nullptr) or without the folded bias.
 std::vector<paddle::Tensor> forward(Kind kind, const paddle::Tensor& x, const paddle::Tensor& w,
                                     const paddle::Tensor* b, const std::vector<int>& strides,
@@ -521,7 +524,10 @@ std::vector<paddle::Tensor> forward(Kind kind, const paddle::Tensor& x, const pa
   auto y = paddle::empty({g.n, g.o, g.oh, g.ow}, paddle::DataType::FLOAT32,
                          paddle::CPUPlace());
   paddle::Tensor bias = b == nullptr ? paddle::Tensor() : contiguous(*b);
-  if (g.n > 0) {
+  if (g.n > 0 && gemm_filter_gradient_applies(g)) {
+    PD_CHECK(threads >= 1, op, ": threads must be >= 1, got ", threads);
+    gemm_forward(g, threads, contiguous(x), contiguous(w), b == nullptr ? nullptr : &bias, y);
+  } else if (g.n > 0) {
     run(kind, g, threads, contiguous(x), contiguous(w), y, b == nullptr ? nullptr : &bias,
         keep != 0);
   }
@@ -642,6 +648,49 @@ void gemm_filter_gradient(const Geometry& g, int threads, const paddle::Tensor& 
     float* b_out = db->data<float>();
     for (int64_t c = 0; c < o; ++c) b_out[c] = part[0][c * k1 + k];
   }
+}
+
+// The forward of a convolution with few input channels, by the same unfolding: per image
+// and block of output rows, y_n[:, block] = [w | b] [O, K + 1] x col [K + 1, rows*OW]
+// (the ones row of col adds the bias), written straight into Paddle's plain NCHW output.
+// oneDNN's kernel would write a blocked output whose reorder to NCHW costs twice the
+// convolution itself here (the first Omniglot layer: 64 channels of 14x14 out of 1).
+void gemm_forward(const Geometry& g, int threads, const paddle::Tensor& x,
+                  const paddle::Tensor& w, const paddle::Tensor* b, paddle::Tensor& y) {
+  ThreadGuard guard(threads);
+  const int64_t k = g.c * g.kh * g.kw, k1 = k + 1, p = g.oh * g.ow, o = g.o;
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.oh, 16384 / (k1 * g.ow)));
+  const int teams = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, g.n)));
+  std::vector<float> wb(o * k1);
+  const float* wp = w.data<float>();
+  const float* bp = b == nullptr ? nullptr : b->data<float>();
+  for (int64_t c = 0; c < o; ++c) {
+    std::copy(wp + c * k, wp + c * k + k, wb.begin() + c * k1);
+    wb[c * k1 + k] = bp == nullptr ? 0.0f : bp[c];
+  }
+  const float* xp = x.data<float>();
+  float* yp = y.data<float>();
+  bool failed = false;
+#pragma omp parallel num_threads(teams)
+  {
+    std::vector<float> col(k1 * rows * g.ow);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < g.n; ++n) {
+      const float* xn = xp + n * g.c * g.h * g.w;
+      for (int64_t oy0 = 0; oy0 < g.oh; oy0 += rows) {
+        const int64_t oy1 = std::min(g.oh, oy0 + rows), width = (oy1 - oy0) * g.ow;
+        im2col_rows(g, xn, oy0, oy1, col.data());
+        // Row-major: y_n[:, block] [o, width] = wb [o, k1] x col [k1, width].
+        float* out = yp + n * o * p + oy0 * g.ow;
+        if (dnnl_sgemm('N', 'N', o, width, k1, 1.0f, wb.data(), k1, col.data(), width, 0.0f,
+                       out, p) != dnnl_success) {
+#pragma omp atomic write
+          failed = true;
+        }
+      }
+    }
+  }
+  PD_CHECK(!failed, "onednn_conv2d_forward: dnnl_sgemm failed");
 }
 
 std::vector<paddle::Tensor> backward_weight(Kind kind, const paddle::Tensor& x,
