@@ -210,3 +210,21 @@ def test_conv4_uses_the_fused_layer_and_keeps_its_state_dict_keys():
     assert "features.0.1.weight" in net.state_dict()
     assert "features.3.1._variance" in net.state_dict()
     assert net.batch_norm_offsets()[0] == "features.0.1.bias"
+
+
+def test_second_order_scope_runs_the_two_ops(kernels, monkeypatch):
+    """Second-order MAML's calls: the fused op's recorded backward kept more alive."""
+    fsl_ops.install()
+    calls = []
+    for name in ("batch_norm_relu_train", "batch_norm_train"):
+        original = getattr(cpu_kernels, name)
+        monkeypatch.setattr(
+            cpu_kernels, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a)
+        )
+    x, stats, w, b = _inputs(9)
+    with fsl_ops.second_order_scope():
+        inside = batch_norm_relu(x, *stats, w, b, training=True)
+    assert calls == ["batch_norm_train"]
+    outside = batch_norm_relu(x, *stats, w, b, training=True)
+    assert calls == ["batch_norm_train", "batch_norm_relu_train"]
+    assert _relative_error(inside.numpy(), outside.numpy()) < 1e-6

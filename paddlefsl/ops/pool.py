@@ -41,12 +41,14 @@ def _kernel_geometry(x: paddle.Tensor, attrs: tuple) -> tuple | None:
     return (kernel, stride, pads) if cpu_kernels.usable(x) else None
 
 
-def _scatter_to_input(x: paddle.Tensor, index: paddle.Tensor, dy: paddle.Tensor) -> paddle.Tensor:
+def _scatter_to_input(
+    input_shape: list[int], index: paddle.Tensor, dy: paddle.Tensor
+) -> paddle.Tensor:
     """Route each pooled gradient back to the input element that was the window's max.
 
-    Differentiable in ``dy``; the routing itself is piecewise constant in ``x``.
+    Differentiable in ``dy``; the routing itself is piecewise constant in the input.
     """
-    n, c, h, w = x.shape
+    n, c, h, w = input_shape
     flat_index = index.reshape([n, c, -1]).astype("int64")
     flat_dy = dy.reshape([n, c, -1])
     zeros = paddle.zeros([n, c, h * w], dtype=dy.dtype)
@@ -63,19 +65,26 @@ class _MaxPool2dWithIndex(paddle.autograd.PyLayer):
         else:
             out, index = native("max_pool2d_with_index")(x, *attrs)
         holder.append(index)
-        ctx.save_for_backward(x, index)
         ctx.attrs = attrs
         ctx.fast = geometry is not None
+        ctx.input_shape = list(x.shape)
+        # The kernels' backward needs only the indices and the input's shape: not keeping
+        # x frees it as soon as its other readers are done (a ReLU output, often the
+        # largest activation of a Conv4).
+        if ctx.fast:
+            ctx.save_for_backward(index)
+        else:
+            ctx.save_for_backward(index, x)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x, index = ctx.saved_tensor()
-        if creating_graph():
-            return _scatter_to_input(x, index, dy)
-        if ctx.fast and cpu_kernels.usable(dy):
-            return cpu_kernels.max_pool2d_backward(index, dy, x.shape[2:])
-        return native("max_pool2d_with_index_grad")(x, index, dy, *ctx.attrs)
+        index, *x = ctx.saved_tensor()
+        if creating_graph() or (ctx.fast and not cpu_kernels.usable(dy)):
+            return _scatter_to_input(ctx.input_shape, index, dy)
+        if ctx.fast:
+            return cpu_kernels.max_pool2d_backward(index, dy, ctx.input_shape[2:])
+        return native("max_pool2d_with_index_grad")(x[0], index, dy, *ctx.attrs)
 
 
 def _global_average(x, kernel_size, data_format, pooling_type, global_pooling, adaptive) -> bool:
