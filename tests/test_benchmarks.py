@@ -159,3 +159,11 @@ def test_onednn_breakdown_splits_a_task_into_primitive_kinds():
     kinds = {line.split()[0] for line in out.splitlines()[1:] if "%" in line}
     assert "convolution" in kinds
     assert "mb75_ic64oc64_ih14oh7" in out  # the strided second layer's query batch
+
+
+def test_bench_first_layer_times_the_four_shapes():
+    if not onednn.available():
+        pytest.skip("oneDNN kernels unavailable")
+    out = run("bench_first_layer.py", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.rstrip().endswith("ms")]
+    assert len(rows) == 4 and all(float(r.split()[-2]) > 0 for r in rows)
