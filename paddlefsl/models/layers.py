@@ -19,10 +19,8 @@ class BatchNormReLU2D(nn.BatchNorm2D):
     passes over the activations and two op dispatches each way; otherwise it runs the
     two layers' functions one after the other.
 
-    Args:
-        num_features: Channels of the input.
-        **kwargs: Anything ``paddle.nn.BatchNorm2D`` takes (momentum, epsilon,
-            weight_attr, bias_attr, data_format, use_global_stats).
+    It takes the arguments of ``paddle.nn.BatchNorm2D`` (``num_features``, ``momentum``,
+    ``epsilon``, ``weight_attr``, ``bias_attr``, ``data_format``, ``use_global_stats``).
 
     Example:
         >>> import paddle
