@@ -17,22 +17,7 @@ import pytest
 
 from paddlefsl import ops as fsl_ops
 from paddlefsl.models import BatchNormReLU2D, Conv4
-from paddlefsl.ops import batch_norm_relu, cpu_kernels, onednn
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    if not cpu_kernels.usable(paddle.zeros([1])):
-        pytest.skip(f"CPU kernels unavailable: {onednn.unavailable_reason()}")
-    return cpu_kernels
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    previous = onednn.get_threads()
-    onednn.set_threads(request.param)
-    yield request.param
-    onednn.set_threads(previous)
+from paddlefsl.ops import batch_norm_relu, cpu_kernels
 
 
 def _relative_error(got, want) -> float:
@@ -90,6 +75,17 @@ def test_backward_mask_is_exactly_the_forward_one(kernels):
     assert (z.numpy() == 0).mean() > 0.3, "the test lost its zeros"
 
 
+def _spy(monkeypatch, *names: str) -> list[str]:
+    """The names of these cpu_kernels functions, in the order they get called."""
+    calls: list[str] = []
+    for name in names:
+        original = getattr(cpu_kernels, name)
+        monkeypatch.setattr(
+            cpu_kernels, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a)
+        )
+    return calls
+
+
 def _reference(x, stats, w, b, training, dtype="float64"):
     """relu(batch_norm(...)) as two ops, in float64 unless told otherwise."""
     # Leaves of their own (not casts of the float32 inputs, which would stay connected).
@@ -113,12 +109,7 @@ def _inputs(seed, shape=(6, 4, 5, 5)):
 
 def test_op_matches_float64_reference_to_third_order(kernels, monkeypatch):
     fsl_ops.install()  # the float64 reference's BatchNorm needs the double-differentiable op
-    calls = []
-    for name in ("batch_norm_relu_train", "batch_norm_relu_backward"):
-        original = getattr(cpu_kernels, name)
-        monkeypatch.setattr(
-            cpu_kernels, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a)
-        )
+    calls = _spy(monkeypatch, "batch_norm_relu_train", "batch_norm_relu_backward")
     x, stats, w, b = _inputs(6)
     want, (xd, mean_d, var_d, wd, bd) = _reference(x, stats, w, b, True)  # copies stats
     ref_stats = [mean_d, var_d]
@@ -215,12 +206,7 @@ def test_conv4_uses_the_fused_layer_and_keeps_its_state_dict_keys():
 def test_second_order_scope_runs_the_two_ops(kernels, monkeypatch):
     """Second-order MAML's calls: the fused op's recorded backward kept more alive."""
     fsl_ops.install()
-    calls = []
-    for name in ("batch_norm_relu_train", "batch_norm_train"):
-        original = getattr(cpu_kernels, name)
-        monkeypatch.setattr(
-            cpu_kernels, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a)
-        )
+    calls = _spy(monkeypatch, "batch_norm_relu_train", "batch_norm_train")
     x, stats, w, b = _inputs(9)
     with fsl_ops.second_order_scope():
         inside = batch_norm_relu(x, *stats, w, b, training=True)

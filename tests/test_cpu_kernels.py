@@ -15,22 +15,7 @@ import pytest
 from paddlefsl import ops as fsl_ops
 from paddlefsl.metaopt import ANIL, MAML
 from paddlefsl.models import Conv4
-from paddlefsl.ops import cpu_kernels, onednn
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    if not cpu_kernels.usable(paddle.zeros([1])):
-        pytest.skip(f"CPU kernels unavailable: {onednn.unavailable_reason()}")
-    return cpu_kernels
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    previous = onednn.get_threads()
-    onednn.set_threads(request.param)
-    yield request.param
-    onednn.set_threads(previous)
+from paddlefsl.ops import cpu_kernels
 
 
 def close(got, want, what, tol=1e-5):

@@ -603,40 +603,58 @@ void im2col_rows(const Geometry& g, const float* x, int64_t oy0, int64_t oy1, fl
   std::fill(ones, ones + width, 1.0f);
 }
 
-// dw (and db) as described at gemm_filter_gradient_applies: per image, per block of output
-// rows small enough for the unfolded block to stay in cache, acc [O, K + 1] += dy block
-// [O, rows*OW] x col^T with oneDNN's sgemm; column K of acc is the bias gradient.
-void gemm_filter_gradient(const Geometry& g, int threads, const paddle::Tensor& x,
-                          const paddle::Tensor& dy, paddle::Tensor& dw, paddle::Tensor* db) {
-  ThreadGuard guard(threads);  // sgemm's own threads when one team runs it
-  const int64_t k = g.c * g.kh * g.kw, k1 = k + 1, p = g.oh * g.ow, o = g.o;
+// Runs body(member, n, oy0, width, col) for every image n and every block of output rows
+// starting at oy0 (width = rows * OW output pixels), small enough for the unfolded block
+// col [C*KH*KW + 1, width] (see im2col_rows) to stay in cache; the images are split
+// between `teams` OpenMP threads, `member` being the caller's. False from body is a
+// failure, reported as the result.
+template <typename Body>
+bool for_each_unfolded_block(const Geometry& g, int teams, const float* xp, Body body) {
+  const int64_t k1 = g.c * g.kh * g.kw + 1;
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.oh, 16384 / (k1 * g.ow)));
-  const int teams = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, g.n)));
-  std::vector<std::vector<float>> part(teams, std::vector<float>(o * k1, 0.0f));
-  const float* xp = x.data<float>();
-  const float* dyp = dy.data<float>();
   bool failed = false;
 #pragma omp parallel num_threads(teams)
   {
     std::vector<float> col(k1 * rows * g.ow);
-    float* acc = part[omp_get_thread_num()].data();
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < g.n; ++n) {
       const float* xn = xp + n * g.c * g.h * g.w;
       for (int64_t oy0 = 0; oy0 < g.oh; oy0 += rows) {
         const int64_t oy1 = std::min(g.oh, oy0 + rows), width = (oy1 - oy0) * g.ow;
         im2col_rows(g, xn, oy0, oy1, col.data());
-        // Row-major: acc [o, k1] += dy_n[:, block] [o, width] x col^T.
-        const float* a = dyp + n * o * p + oy0 * g.ow;
-        if (dnnl_sgemm('N', 'T', o, k1, width, 1.0f, a, p, col.data(), width, 1.0f, acc,
-                       k1) != dnnl_success) {
+        if (!body(omp_get_thread_num(), n, oy0, width, col.data())) {
 #pragma omp atomic write
           failed = true;
         }
       }
     }
   }
-  PD_CHECK(!failed, "onednn_conv2d_backward_weight: dnnl_sgemm failed");
+  return !failed;
+}
+
+int gemm_teams(const Geometry& g, int threads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, g.n)));
+}
+
+// dw (and db) as described at gemm_filter_gradient_applies: per image and block of output
+// rows, acc [O, K + 1] += dy block [O, rows*OW] x col^T with oneDNN's sgemm; column K of
+// acc is the bias gradient. Each thread sums into its own acc.
+void gemm_filter_gradient(const Geometry& g, int threads, const paddle::Tensor& x,
+                          const paddle::Tensor& dy, paddle::Tensor& dw, paddle::Tensor* db) {
+  ThreadGuard guard(threads);  // sgemm's own threads when one team runs it
+  const int64_t k = g.c * g.kh * g.kw, k1 = k + 1, p = g.oh * g.ow, o = g.o;
+  const int teams = gemm_teams(g, threads);
+  std::vector<std::vector<float>> part(teams, std::vector<float>(o * k1, 0.0f));
+  const float* dyp = dy.data<float>();
+  const bool ok = for_each_unfolded_block(
+      g, teams, x.data<float>(),
+      [&](int member, int64_t n, int64_t oy0, int64_t width, const float* col) {
+        // Row-major: acc [o, k1] += dy_n[:, block] [o, width] x col^T.
+        const float* a = dyp + n * o * p + oy0 * g.ow;
+        return dnnl_sgemm('N', 'T', o, k1, width, 1.0f, a, p, col, width, 1.0f,
+                          part[member].data(), k1) == dnnl_success;
+      });
+  PD_CHECK(ok, "onednn_conv2d_backward_weight: dnnl_sgemm failed");
   for (int t = 1; t < teams; ++t) {
     for (int64_t i = 0; i < o * k1; ++i) part[0][i] += part[t][i];
   }
@@ -653,14 +671,12 @@ void gemm_filter_gradient(const Geometry& g, int threads, const paddle::Tensor& 
 // The forward of a convolution with few input channels, by the same unfolding: per image
 // and block of output rows, y_n[:, block] = [w | b] [O, K + 1] x col [K + 1, rows*OW]
 // (the ones row of col adds the bias), written straight into Paddle's plain NCHW output.
-// oneDNN's kernel would write a blocked output whose reorder to NCHW costs twice the
+// oneDNN's kernel would write a blocked output whose reorder to NCHW costs more than the
 // convolution itself here (the first Omniglot layer: 64 channels of 14x14 out of 1).
 void gemm_forward(const Geometry& g, int threads, const paddle::Tensor& x,
                   const paddle::Tensor& w, const paddle::Tensor* b, paddle::Tensor& y) {
   ThreadGuard guard(threads);
   const int64_t k = g.c * g.kh * g.kw, k1 = k + 1, p = g.oh * g.ow, o = g.o;
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(g.oh, 16384 / (k1 * g.ow)));
-  const int teams = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, g.n)));
   std::vector<float> wb(o * k1);
   const float* wp = w.data<float>();
   const float* bp = b == nullptr ? nullptr : b->data<float>();
@@ -668,29 +684,16 @@ void gemm_forward(const Geometry& g, int threads, const paddle::Tensor& x,
     std::copy(wp + c * k, wp + c * k + k, wb.begin() + c * k1);
     wb[c * k1 + k] = bp == nullptr ? 0.0f : bp[c];
   }
-  const float* xp = x.data<float>();
   float* yp = y.data<float>();
-  bool failed = false;
-#pragma omp parallel num_threads(teams)
-  {
-    std::vector<float> col(k1 * rows * g.ow);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < g.n; ++n) {
-      const float* xn = xp + n * g.c * g.h * g.w;
-      for (int64_t oy0 = 0; oy0 < g.oh; oy0 += rows) {
-        const int64_t oy1 = std::min(g.oh, oy0 + rows), width = (oy1 - oy0) * g.ow;
-        im2col_rows(g, xn, oy0, oy1, col.data());
+  const bool ok = for_each_unfolded_block(
+      g, gemm_teams(g, threads), x.data<float>(),
+      [&](int, int64_t n, int64_t oy0, int64_t width, const float* col) {
         // Row-major: y_n[:, block] [o, width] = wb [o, k1] x col [k1, width].
         float* out = yp + n * o * p + oy0 * g.ow;
-        if (dnnl_sgemm('N', 'N', o, width, k1, 1.0f, wb.data(), k1, col.data(), width, 0.0f,
-                       out, p) != dnnl_success) {
-#pragma omp atomic write
-          failed = true;
-        }
-      }
-    }
-  }
-  PD_CHECK(!failed, "onednn_conv2d_forward: dnnl_sgemm failed");
+        return dnnl_sgemm('N', 'N', o, width, k1, 1.0f, wb.data(), k1, col, width, 0.0f, out,
+                          p) == dnnl_success;
+      });
+  PD_CHECK(ok, "onednn_conv2d_forward: dnnl_sgemm failed");
 }
 
 std::vector<paddle::Tensor> backward_weight(Kind kind, const paddle::Tensor& x,

@@ -174,17 +174,9 @@ def batch_norm_train(
         [-1.0, 1.0] [2.0] 0.2
 
     """
-    y, mean, inv_std = onednn.run_op(
-        "pfsl_batch_norm_train",
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        float(momentum),
-        float(epsilon),
+    return _train(
+        "pfsl_batch_norm_train", x, weight, bias, running_mean, running_var, momentum, epsilon
     )
-    return y, mean, inv_std
 
 
 def batch_norm_backward(
@@ -286,17 +278,16 @@ def batch_norm_relu_train(
         [0.0, 1.0]
 
     """
-    z, mean, inv_std = onednn.run_op(
-        "pfsl_batch_norm_relu_train",
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        float(momentum),
-        float(epsilon),
+    return _train(
+        "pfsl_batch_norm_relu_train", x, weight, bias, running_mean, running_var, momentum, epsilon
     )
-    return z, mean, inv_std
+
+
+def _train(op: str, x, weight, bias, running_mean, running_var, momentum, epsilon):
+    out, mean, inv_std = onednn.run_op(
+        op, x, weight, bias, running_mean, running_var, float(momentum), float(epsilon)
+    )
+    return out, mean, inv_std
 
 
 def batch_norm_relu_backward(
