@@ -47,8 +47,13 @@ def test_kernels_equal_batch_norm_then_relu_kernels(kernels, threads, shape):
     for got, want in zip(fused_stats, plain_stats):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
     dz = paddle.randn(shape)
+    masked = kernels.relu_backward(z, dz)
+    # The mask alone (second order's recorded backward), exactly ReLU's backward.
+    np.testing.assert_array_equal(
+        kernels.batch_norm_relu_mask(x, dz, w, b, mean, inv_std).numpy(), masked.numpy()
+    )
     fused = kernels.batch_norm_relu_backward(x, dz, w, b, mean, inv_std)
-    plain = kernels.batch_norm_backward(x, kernels.relu_backward(z, dz), w, mean, inv_std)
+    plain = kernels.batch_norm_backward(x, masked, w, mean, inv_std)
     for got, want, what in zip(fused, plain, ("dx", "dweight", "dbias")):
         assert _relative_error(got.numpy(), want.numpy()) < 1e-6, what
 
@@ -68,8 +73,12 @@ def test_backward_mask_is_exactly_the_forward_one(kernels):
     b = paddle.to_tensor(-pre[0, :, 0])
     z, mean, inv_std = kernels.batch_norm_relu_train(xt, w, b, *stats, 0.9, 1e-5)
     dz = paddle.to_tensor(rng.standard_normal(x.shape).astype(np.float32) + 5)
+    masked = kernels.relu_backward(z, dz)
+    np.testing.assert_array_equal(
+        kernels.batch_norm_relu_mask(xt, dz, w, b, mean, inv_std).numpy(), masked.numpy()
+    )
     fused = kernels.batch_norm_relu_backward(xt, dz, w, b, mean, inv_std)
-    plain = kernels.batch_norm_backward(xt, kernels.relu_backward(z, dz), w, mean, inv_std)
+    plain = kernels.batch_norm_backward(xt, masked, w, mean, inv_std)
     for got, want in zip(fused, plain):
         assert _relative_error(got.numpy(), want.numpy()) < 1e-6
     assert (z.numpy() == 0).mean() > 0.3, "the test lost its zeros"
@@ -201,16 +210,3 @@ def test_conv4_uses_the_fused_layer_and_keeps_its_state_dict_keys():
     assert "features.0.1.weight" in net.state_dict()
     assert "features.3.1._variance" in net.state_dict()
     assert net.batch_norm_offsets()[0] == "features.0.1.bias"
-
-
-def test_second_order_scope_runs_the_two_ops(kernels, monkeypatch):
-    """Second-order MAML's calls: the fused op's recorded backward kept more alive."""
-    fsl_ops.install()
-    calls = _spy(monkeypatch, "batch_norm_relu_train", "batch_norm_train")
-    x, stats, w, b = _inputs(9)
-    with fsl_ops.second_order_scope():
-        inside = batch_norm_relu(x, *stats, w, b, training=True)
-    assert calls == ["batch_norm_train"]
-    outside = batch_norm_relu(x, *stats, w, b, training=True)
-    assert calls == ["batch_norm_train", "batch_norm_relu_train"]
-    assert _relative_error(inside.numpy(), outside.numpy()) < 1e-6

@@ -351,6 +351,41 @@ std::vector<paddle::Tensor> BatchNormReluGrad(const paddle::Tensor& x, const pad
                                    threads);
 }
 
+// dz where the fused forward's pre-ReLU output w * (x - mean) * inv_std + b was positive,
+// else 0: the ReLU part of BatchNormReluGrad alone, the mask recomputed from x exactly as
+// the forward computed it. Linear in dz, so it is also its own vector-Jacobian product.
+std::vector<paddle::Tensor> ReluMask(const paddle::Tensor& x_in, const paddle::Tensor& dz_in,
+                                     const paddle::Tensor& w, const paddle::Tensor& b,
+                                     const paddle::Tensor& mean, const paddle::Tensor& inv_std,
+                                     int threads) {
+  const char* op = "pfsl_batch_norm_relu_mask";
+  const Dims d = channel_dims(op, x_in);
+  check_same(op, "dz", dz_in, x_in);
+  check_vector(op, "weight", w, d.c);
+  check_vector(op, "bias", b, d.c);
+  check_vector(op, "mean", mean, d.c);
+  check_vector(op, "inv_std", inv_std, d.c);
+  const auto x = contiguous(x_in);
+  const auto dz = contiguous(dz_in);
+  auto out = new_like(x);
+  const float* xp = x.data<float>();
+  const float* gp = dz.data<float>();
+  const float* wp = w.data<float>();
+  const float* bp = b.data<float>();
+  const float* mp = mean.data<float>();
+  const float* ip = inv_std.data<float>();
+  float* op_ = out.data<float>();
+  per_channel(d, threads, [&](int64_t c) {
+    const ChannelAffine affine(wp[c], bp[c], mp[c], ip[c]);
+    for (int64_t n = 0; n < d.n; ++n) {
+      const int64_t row = (n * d.c + c) * d.s;
+      for (int64_t i = 0; i < d.s; ++i)
+        op_[row + i] = affine(xp[row + i]) > 0.0f ? gp[row + i] : 0.0f;
+    }
+  });
+  return {out};
+}
+
 // Double backward of train-mode BatchNorm: the vector-Jacobian product of
 // (dx, dw, db) = BatchNormGrad(x, dy, w) with upstream gradients (ddx, ddw, ddb), i.e. the
 // gradients of  sum(ddx * dx) + ddw . dw + ddb . db  with respect to x, w and dy, with the
@@ -599,6 +634,10 @@ std::vector<Shape> XAndTwoChannelShapesOf6(const Shape& x, const Shape&, const S
                                             const Shape&, const Shape&, const Shape&) {
   return {x, channels(x), channels(x)};
 }
+std::vector<Shape> SameShapeOf6(const Shape& x, const Shape&, const Shape&, const Shape&,
+                                const Shape&, const Shape&) {
+  return {x};
+}
 // Double backward: gx and gdy shaped like x, gw per channel.
 std::vector<Shape> DoubleGradShapes(const Shape& x, const Shape&, const Shape&, const Shape&,
                                     const Shape&, const Shape&, const Shape&, const Shape&) {
@@ -619,6 +658,10 @@ std::vector<DType> F32x1Of2(const DType&, const DType&) { return {DType::FLOAT32
 std::vector<DType> F32x3Of5(const DType&, const DType&, const DType&, const DType&,
                             const DType&) {
   return {DType::FLOAT32, DType::FLOAT32, DType::FLOAT32};
+}
+std::vector<DType> F32x1Of6(const DType&, const DType&, const DType&, const DType&,
+                            const DType&, const DType&) {
+  return {DType::FLOAT32};
 }
 std::vector<DType> F32x3Of6(const DType&, const DType&, const DType&, const DType&,
                             const DType&, const DType&) {
@@ -693,6 +736,14 @@ PD_BUILD_OP(pfsl_batch_norm_relu_backward)
     .SetKernelFn(PD_KERNEL(BatchNormReluGrad))
     .SetInferShapeFn(PD_INFER_SHAPE(XAndTwoChannelShapesOf6))
     .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of6));
+
+PD_BUILD_OP(pfsl_batch_norm_relu_mask)
+    .Inputs({"X", "DZ", "W", "B", "Mean", "InvStd"})
+    .Outputs({"DY"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(ReluMask))
+    .SetInferShapeFn(PD_INFER_SHAPE(SameShapeOf6))
+    .SetInferDtypeFn(PD_INFER_DTYPE(F32x1Of6));
 
 PD_BUILD_OP(pfsl_batch_norm_double_backward)
     .Inputs({"X", "DY", "W", "Mean", "InvStd", "DDX", "DDW", "DDB"})

@@ -50,6 +50,7 @@ __all__ = [
     "batch_norm_double_backward",
     "batch_norm_relu_train",
     "batch_norm_relu_backward",
+    "batch_norm_relu_mask",
     "max_pool2d",
     "max_pool2d_backward",
 ]
@@ -319,6 +320,35 @@ def batch_norm_relu_backward(
     """
     dx, dw, db = onednn.run_op("pfsl_batch_norm_relu_backward", x, dz, weight, bias, mean, inv_std)
     return dx, dw, db
+
+
+def batch_norm_relu_mask(
+    x: paddle.Tensor,
+    dz: paddle.Tensor,
+    weight: paddle.Tensor,
+    bias: paddle.Tensor,
+    mean: paddle.Tensor,
+    inv_std: paddle.Tensor,
+) -> paddle.Tensor:
+    """``dz`` where :func:`batch_norm_relu_train`'s output was positive, else 0.
+
+    The ReLU's part of :func:`batch_norm_relu_backward` alone, the mask recomputed from
+    ``x`` and the statistics exactly as the forward computed it. Linear in ``dz``.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x, dz = paddle.to_tensor([[1.0], [3.0]]), paddle.to_tensor([[5.0], [5.0]])
+        >>> if cpu_kernels.usable(x):  # pre-ReLU outputs -1 and 1
+        ...     print(cpu_kernels.batch_norm_relu_mask(
+        ...         x, dz, paddle.ones([1]), paddle.zeros([1]),
+        ...         paddle.to_tensor([2.0]), paddle.to_tensor([1.0])).flatten().tolist())
+        ... else:
+        ...     print([0.0, 5.0])
+        [0.0, 5.0]
+
+    """
+    return onednn.run_op("pfsl_batch_norm_relu_mask", x, dz, weight, bias, mean, inv_std)[0]
 
 
 def max_pool2d(

@@ -27,7 +27,7 @@ from ._common import (
     requires,
     tracks_grad,
 )
-from ._registry import in_second_order_scope, native, register
+from ._registry import native, register
 
 _CHANNEL_LAST = ("NHWC", "NLC", "NDHWC")
 
@@ -446,9 +446,10 @@ class _BatchNormReLU(paddle.autograd.PyLayer):
     """Train-mode BatchNorm then ReLU on the CPU kernels: one node, one pass each way.
 
     The first-order backward recomputes the ReLU's mask from ``x`` inside the BatchNorm
-    backward kernel. A recorded backward masks ``dz`` with the recomputed output (the
-    mask is a constant: ReLU's second derivative is zero) and continues as
-    :class:`_BatchNorm` does, through the one-node :class:`_BatchNormBackward`.
+    backward kernel. A recorded backward masks ``dz`` in a node of its own
+    (:class:`_ReluMask`; the mask is a constant: ReLU's second derivative is zero) and
+    continues as :class:`_BatchNorm` does, through the one-node
+    :class:`_BatchNormBackward`.
     """
 
     @staticmethod
@@ -470,15 +471,40 @@ class _BatchNormReLU(paddle.autograd.PyLayer):
                 x, dz, weight, bias, saved.mean, saved.inv_std
             )
             return only_required(grads, ctx.required)
-        # The output for the mask, recomputed rather than kept from the forward (so that
-        # z is freed as soon as its readers are done: a max-pool keeps only indices).
-        # The same kernel on the same x: bit for bit the forward's output.
-        scratch = [paddle.zeros_like(bias), paddle.ones_like(bias)]
-        z = cpu_kernels.batch_norm_relu_train(x, weight, bias, *scratch, 0.0, saved.epsilon)[0]
-        # A product with a constant mask, differentiable to any order (Paddle's
-        # relu_grad stops at second order).
-        dy = dz * (z > 0).astype(dz.dtype)
+        # The mask is recomputed from x (alive anyway) by a node that keeps nothing: a
+        # kept mask, or the output, held about 200 MiB more on W2 MAML.
+        dy = _ReluMask.apply(dz, _Held((x, weight, bias, saved)))
         return only_required(_BatchNormBackward.apply(x, dy, weight, saved), ctx.required)
+
+
+class _Held:
+    """Tensors a PyLayer reads but does not differentiate (out of its inputs)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+class _ReluMask(paddle.autograd.PyLayer):
+    """``dz`` masked by the fused forward's ReLU, the mask recomputed from ``x``.
+
+    Linear in ``dz`` with a constant mask, so its backward is itself, and stays
+    differentiable to any order.
+    """
+
+    @staticmethod
+    def forward(ctx, dz, held: _Held):
+        ctx.held = held
+        x, weight, bias, saved = held.value
+        return cpu_kernels.batch_norm_relu_mask(x, dz, weight, bias, saved.mean, saved.inv_std)
+
+    @staticmethod
+    def backward(ctx, g):
+        if creating_graph():
+            return _ReluMask.apply(g, ctx.held)
+        x, weight, bias, saved = ctx.held.value
+        return cpu_kernels.batch_norm_relu_mask(x, g, weight, bias, saved.mean, saved.inv_std)
 
 
 _CHANNEL_FIRST = ("NCHW", "NC", "NCL", "NCDHW")
@@ -502,9 +528,8 @@ def batch_norm_relu(
     batch statistics, channel-first float32 on the CPU kernels, with a weight and a bias:
     one kernel normalises and rectifies, and one computes the three gradients (ReLU's
     mask included), saving two passes over the activations and two op dispatches each
-    way. Exact to any order: a recorded backward (``create_graph=True``) is
-    differentiable again. Inside :func:`paddlefsl.ops.second_order_scope` (the calls of
-    second-order MAML clones, whose backward is recorded) and for anything else, it runs
+    way. Exact to any order: a recorded backward (``create_graph=True``, second-order
+    MAML's inner step) is differentiable again. Anything else runs
     ``paddle.nn.functional.relu(paddle.nn.functional.batch_norm(...))``.
 
     Example:
@@ -524,9 +549,6 @@ def batch_norm_relu(
     """
     fused = (
         training
-        # Second order's scope (MAML's second-order clones) runs the two ops: there the
-        # fused op's recorded backward kept about 200 MiB more alive on W2 MAML.
-        and not in_second_order_scope()
         and not use_global_stats
         and data_format in _CHANNEL_FIRST
         and isinstance(x, paddle.Tensor)
