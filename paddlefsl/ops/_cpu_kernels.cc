@@ -374,13 +374,13 @@ std::vector<paddle::Tensor> ReluMask(const paddle::Tensor& x_in, const paddle::T
   const float* bp = b.data<float>();
   const float* mp = mean.data<float>();
   const float* ip = inv_std.data<float>();
-  float* op_ = out.data<float>();
+  float* out_p = out.data<float>();
   per_channel(d, threads, [&](int64_t c) {
     const ChannelAffine affine(wp[c], bp[c], mp[c], ip[c]);
     for (int64_t n = 0; n < d.n; ++n) {
       const int64_t row = (n * d.c + c) * d.s;
       for (int64_t i = 0; i < d.s; ++i)
-        op_[row + i] = affine(xp[row + i]) > 0.0f ? gp[row + i] : 0.0f;
+        out_p[row + i] = affine(xp[row + i]) > 0.0f ? gp[row + i] : 0.0f;
     }
   });
   return {out};
