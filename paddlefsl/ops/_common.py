@@ -88,3 +88,16 @@ def plain_call(args: tuple, kwargs: dict) -> bool:
     return all(a is None or isinstance(a, str) for a in args) and all(
         k == "name" or v is None for k, v in kwargs.items()
     )
+
+
+class Held:
+    """A value a PyLayer reads but does not differentiate, kept out of its inputs.
+
+    Every tensor among a PyLayer's inputs is one it must return a gradient for (or None);
+    wrapped here, a tensor stays live and is read as it is.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value

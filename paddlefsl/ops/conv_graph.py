@@ -20,7 +20,7 @@ from typing import Protocol
 
 import paddle
 
-from ._common import creating_graph, tracks_grad
+from ._common import Held, creating_graph, tracks_grad
 from ._registry import in_whole_gradient_scope, native
 
 __all__ = ["ConvGeometry", "ConvKernels", "NATIVE_KERNELS", "conv2d", "conv2d_bias"]
@@ -123,11 +123,11 @@ def _apply(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> 
     if need_a and need_b and in_whole_gradient_scope():
         return _Whole.apply(a, b, None, op, k, geo)
     if not need_b:
-        return _OneInput.apply(a, _Held(b), 0, op, k, geo, None)
+        return _OneInput.apply(a, Held(b), 0, op, k, geo, None)
     if not need_a:
-        return _OneInput.apply(b, _Held(a), 1, op, k, geo, None)
-    value = _OneInput.apply(a, _Held(b), 0, op, k, geo, None)
-    return value + _OneInput.apply(b, _Held(a), 1, op, k, geo, value.shape)
+        return _OneInput.apply(b, Held(a), 1, op, k, geo, None)
+    value = _OneInput.apply(a, Held(b), 0, op, k, geo, None)
+    return value + _OneInput.apply(b, Held(a), 1, op, k, geo, value.shape)
 
 
 def _run(op: str, a: Tensor, b: Tensor, k: ConvKernels, geo: ConvGeometry) -> Tensor:
@@ -147,15 +147,6 @@ _VJP = {
 }
 
 
-class _Held:
-    """The other operand, kept out of a PyLayer's inputs (a tensor there would be one)."""
-
-    __slots__ = ("tensor",)
-
-    def __init__(self, tensor: Tensor) -> None:
-        self.tensor = tensor
-
-
 class _OneInput(paddle.autograd.PyLayer):
     """``op(a, b)`` as a function of one operand; the other is held as it is (live)."""
 
@@ -168,9 +159,9 @@ class _OneInput(paddle.autograd.PyLayer):
         ctx.held, ctx.index, ctx.op, ctx.kernels, ctx.geo = held, index, op, kernels, geo
         if zeros_shape is not None:
             return paddle.zeros(zeros_shape, dtype=operand.dtype)
-        a, b = (operand, held.tensor) if index == 0 else (held.tensor, operand)
+        a, b = (operand, held.value) if index == 0 else (held.value, operand)
         if bias is not None:  # a forward convolution; the filter's node keeps x for W
-            return kernels.forward_bias(a, b, bias.tensor, geo, keep=index == 1)
+            return kernels.forward_bias(a, b, bias.value, geo, keep=index == 1)
         if op == "F":
             return kernels.forward(a, b, geo, keep=index == 1)
         return _run(op, a, b, kernels, geo)
@@ -180,7 +171,7 @@ class _OneInput(paddle.autograd.PyLayer):
         # The gradient of one operand needs only g and the other operand, which is live:
         # under create_graph the result stays connected to it (the cross derivatives).
         kernel, first, second = _VJP[ctx.op][ctx.index]
-        named = {"g": g, "a": ctx.held.tensor, "b": ctx.held.tensor}
+        named = {"g": g, "a": ctx.held.value, "b": ctx.held.value}
         return _apply(kernel, named[first], named[second], ctx.kernels, ctx.geo)
 
 
@@ -252,11 +243,11 @@ class _FilterAndBias(paddle.autograd.PyLayer):
         ctx.held_x, ctx.kernels, ctx.geo = held_x, kernels, geo
         if zeros_shape is not None:
             return paddle.zeros(zeros_shape, dtype=w.dtype)
-        return kernels.forward_bias(held_x.tensor, w, b, geo, keep=True)
+        return kernels.forward_bias(held_x.value, w, b, geo, keep=True)
 
     @staticmethod
     def backward(ctx, g):
-        x = ctx.held_x.tensor
+        x = ctx.held_x.value
         if creating_graph():  # stay differentiable
             return _apply("W", x, g, ctx.kernels, ctx.geo), g.sum([0, 2, 3])
         return ctx.kernels.backward_weight_bias(x, g, ctx.geo)
@@ -298,10 +289,10 @@ def conv2d_bias(
     if not (need_x or need_w):
         return kernels.forward_bias(x, w, b, geo)
     if not need_w:
-        return _OneInput.apply(x, _Held(w), 0, "F", kernels, geo, None, _Held(b))
+        return _OneInput.apply(x, Held(w), 0, "F", kernels, geo, None, Held(b))
     if not need_x:
-        return _FilterAndBias.apply(w, b, _Held(x), kernels, geo, None)
+        return _FilterAndBias.apply(w, b, Held(x), kernels, geo, None)
     if in_whole_gradient_scope():
         return _Whole.apply(x, w, b, "F", kernels, geo)
-    value = _OneInput.apply(x, _Held(w), 0, "F", kernels, geo, None, _Held(b))
-    return value + _FilterAndBias.apply(w, b, _Held(x), kernels, geo, value.shape)
+    value = _OneInput.apply(x, Held(w), 0, "F", kernels, geo, None, Held(b))
+    return value + _FilterAndBias.apply(w, b, Held(x), kernels, geo, value.shape)

@@ -20,6 +20,7 @@ import paddle
 
 from . import cpu_kernels
 from ._common import (
+    Held,
     creating_graph,
     numel,
     only_required,
@@ -473,17 +474,8 @@ class _BatchNormReLU(paddle.autograd.PyLayer):
             return only_required(grads, ctx.required)
         # The mask is recomputed from x (alive anyway) by a node that keeps nothing: a
         # kept mask, or the output, held about 200 MiB more on W2 MAML.
-        dy = _ReluMask.apply(dz, _Held((x, weight, bias, saved)))
+        dy = _ReluMask.apply(dz, Held((x, weight, bias, saved)))
         return only_required(_BatchNormBackward.apply(x, dy, weight, saved), ctx.required)
-
-
-class _Held:
-    """Tensors a PyLayer reads but does not differentiate (out of its inputs)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value) -> None:
-        self.value = value
 
 
 class _ReluMask(paddle.autograd.PyLayer):
@@ -494,7 +486,7 @@ class _ReluMask(paddle.autograd.PyLayer):
     """
 
     @staticmethod
-    def forward(ctx, dz, held: _Held):
+    def forward(ctx, dz, held: Held):
         ctx.held = held
         x, weight, bias, saved = held.value
         return cpu_kernels.batch_norm_relu_mask(x, dz, weight, bias, saved.mean, saved.inv_std)
