@@ -161,3 +161,62 @@ def test_runs_report_counts_each_stretch_with_its_own_process_count(tmp_path):
     assert line == (
         "| anneal/long | 3,000 | 2.0 | 3.0 (2, then 1 proc) | — | 99.50 ± 0.12% (iteration 3,000) |"
     )
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"scripts/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rotated_characters(characters: int, drawings: int = 6):
+    """A ClassDataset named like Omniglot's with rotations: 4 classes per character."""
+    import numpy as np
+
+    from paddlefsl.data import ClassDataset
+
+    names = [f"Alpha/character{c:02d}/rot{90 * r:03d}" for c in range(characters) for r in range(4)]
+    labels = np.repeat(np.arange(len(names)), drawings)
+    # Each image holds its own class id, so a test can read the class back from pixels.
+    images = np.repeat(labels[:, None, None], 2, axis=1).repeat(2, axis=2).astype(np.uint8)
+    return ClassDataset(images, labels, names), names
+
+
+def test_test_split_spread_samples_distinct_characters_like_the_reference():
+    import numpy as np
+
+    spread = _script("test_split_spread")
+    dataset, names = _rotated_characters(characters=7)
+    tasks = spread.DistinctCharacterTasks(dataset, ways=5, shots=2, queries=3, seed=4)
+    rotations_seen = set()
+    for index in range(200):
+        task = tasks.sample(index)
+        characters = [spread.character_of(names[c]) for c in task.classes]
+        assert len(set(characters)) == 5  # never one character at two rotations
+        rotations_seen.update(names[c].rsplit("/", 1)[1] for c in task.classes)
+        assert task.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+        assert task.query_y.tolist() == [j for j in range(5) for _ in range(3)]
+        # Support and query images come from the class named by the label, 5 distinct each.
+        pixels_s = np.rint(task.support_x[:, 0, 0, 0] * 255).astype(int)
+        pixels_q = np.rint(task.query_x[:, 0, 0, 0] * 255).astype(int)
+        assert pixels_s.tolist() == np.repeat(task.classes, 2).tolist()
+        assert pixels_q.tolist() == np.repeat(task.classes, 3).tolist()
+    assert rotations_seen == {"rot000", "rot090", "rot180", "rot270"}
+    # Deterministic in (seed, index).
+    again = spread.DistinctCharacterTasks(dataset, ways=5, shots=2, queries=3, seed=4).sample(7)
+    assert again.classes.tolist() == tasks.sample(7).classes.tolist()
+
+
+def test_test_split_spread_keeps_only_the_chosen_characters():
+    import numpy as np
+
+    spread = _script("test_split_spread")
+    dataset, names = _rotated_characters(characters=5, drawings=3)
+    chosen = {"Alpha/character01", "Alpha/character04"}
+    subset = spread.character_subset(dataset, chosen)
+    assert subset.class_names == [n for n in names if spread.character_of(n) in chosen]
+    assert len(subset) == 2 * 4 * 3
+    # Every image still carries its own class: the images moved with their labels.
+    pixels = np.rint(subset.get_images(np.arange(len(subset)))[:, 0, 0, 0] * 255).astype(int)
+    assert pixels.tolist() == subset.labels.tolist()
