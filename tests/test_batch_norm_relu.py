@@ -56,6 +56,16 @@ def test_kernels_equal_batch_norm_then_relu_kernels(kernels, threads, shape):
     plain = kernels.batch_norm_backward(x, masked, w, mean, inv_std)
     for got, want, what in zip(fused, plain, ("dx", "dweight", "dbias")):
         assert _relative_error(got.numpy(), want.numpy()) < 1e-6, what
+    # Second order (the recorded backward's own backward), for every subset of upstream
+    # gradients: mask, double backward, mask again, bit for bit.
+    upstream = (paddle.randn(shape), paddle.randn([c]), paddle.randn([c]))
+    for present in range(8):
+        ups = [g if present >> i & 1 else None for i, g in enumerate(upstream)]
+        fused = kernels.batch_norm_relu_double_backward(x, dz, w, b, mean, inv_std, *ups)
+        gx, gw, gdy = kernels.batch_norm_double_backward(x, masked, w, mean, inv_std, *ups)
+        gdz = kernels.batch_norm_relu_mask(x, gdy, w, b, mean, inv_std)
+        for got, want, what in zip(fused, (gx, gw, gdz), ("gx", "gweight", "gdz")):
+            np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=f"{what} {present}")
 
 
 def test_backward_mask_is_exactly_the_forward_one(kernels):
@@ -81,6 +91,11 @@ def test_backward_mask_is_exactly_the_forward_one(kernels):
     plain = kernels.batch_norm_backward(xt, masked, w, mean, inv_std)
     for got, want in zip(fused, plain):
         assert _relative_error(got.numpy(), want.numpy()) < 1e-6
+    ddx = paddle.to_tensor(rng.standard_normal(x.shape).astype(np.float32))
+    fused = kernels.batch_norm_relu_double_backward(xt, dz, w, b, mean, inv_std, ddx, w, b)
+    gx, gw, gdy = kernels.batch_norm_double_backward(xt, masked, w, mean, inv_std, ddx, w, b)
+    np.testing.assert_array_equal(fused[0].numpy(), gx.numpy())
+    np.testing.assert_array_equal(fused[2].numpy(), np.where(z.numpy() > 0, gdy.numpy(), 0))
     assert (z.numpy() == 0).mean() > 0.3, "the test lost its zeros"
 
 

@@ -398,14 +398,20 @@ std::vector<paddle::Tensor> ReluMask(const paddle::Tensor& x_in, const paddle::T
 //   gdy = ddb + ddw * x_hat + w * r * (ddx - C / M - x_hat * B / M)
 // `present` says which upstream gradients exist (bit 0: ddx, 1: ddw, 2: ddb); a missing one
 // is zero and its tensor argument is not read (any float32 tensor may stand in for it).
-std::vector<paddle::Tensor> BatchNormDoubleGrad(
-    const paddle::Tensor& x_in, const paddle::Tensor& dy_in, const paddle::Tensor& w,
-    const paddle::Tensor& mean, const paddle::Tensor& inv_std, const paddle::Tensor& ddx_in,
-    const paddle::Tensor& ddw, const paddle::Tensor& ddb, int present, int threads) {
-  const char* op = "pfsl_batch_norm_double_backward";
+// With kRelu, the same for BatchNormReluGrad: dy is dz through the fused forward's ReLU
+// mask (recomputed from x, b and the statistics exactly as the forward computed it), and
+// the gradient returned for dz is gdy through the same mask.
+namespace {
+template <bool kRelu>
+std::vector<paddle::Tensor> batch_norm_double_backward(
+    const char* op, const paddle::Tensor& x_in, const paddle::Tensor& dy_in,
+    const paddle::Tensor& w, const paddle::Tensor& b, const paddle::Tensor& mean,
+    const paddle::Tensor& inv_std, const paddle::Tensor& ddx_in, const paddle::Tensor& ddw,
+    const paddle::Tensor& ddb, int present, int threads) {
   const Dims d = channel_dims(op, x_in);
   check_same(op, "dy", dy_in, x_in);
   check_vector(op, "weight", w, d.c);
+  if (kRelu) check_vector(op, "bias", b, d.c);
   check_vector(op, "mean", mean, d.c);
   check_vector(op, "inv_std", inv_std, d.c);
   PD_CHECK(present >= 0 && present <= 7, op, ": present must be a 3-bit mask, got ", present);
@@ -423,6 +429,7 @@ std::vector<paddle::Tensor> BatchNormDoubleGrad(
   const float* gp = dy.data<float>();
   const float* hp = ddx.data<float>();
   const float* wp = w.data<float>();
+  const float* bp = kRelu ? b.data<float>() : nullptr;
   const float* mp = mean.data<float>();
   const float* ip = inv_std.data<float>();
   const float* ddwp = has_ddw ? ddw.data<float>() : nullptr;
@@ -433,6 +440,9 @@ std::vector<paddle::Tensor> BatchNormDoubleGrad(
   const double count = static_cast<double>(d.n * d.s);
   per_channel(d, threads, [&](int64_t c) {
     const float mu = mp[c], r = ip[c];
+    const ChannelAffine affine(wp[c], kRelu ? bp[c] : 0.0f, mu, r);
+    auto pass = [&](float x) { return !kRelu || affine(x) > 0.0f; };
+    auto grad = [&](float x, float dy) { return pass(x) ? dy : 0.0f; };
     // Sums of dy, dy * (x - mu), ddx, ddx * (x - mu), ddx * dy over the channel.
     double s_dy = 0.0, s_dyc = 0.0, s_h = 0.0, s_hc = 0.0, s_hdy = 0.0;
     for (int64_t n = 0; n < d.n; ++n) {
@@ -442,8 +452,9 @@ std::vector<paddle::Tensor> BatchNormDoubleGrad(
       float a = 0.0f, b = 0.0f;
 #pragma omp simd reduction(+ : a, b)
       for (int64_t i = 0; i < d.s; ++i) {
-        a += gr[i];
-        b += gr[i] * (xr[i] - mu);
+        const float g = grad(xr[i], gr[i]);
+        a += g;
+        b += g * (xr[i] - mu);
       }
       s_dy += a;
       s_dyc += b;
@@ -454,7 +465,7 @@ std::vector<paddle::Tensor> BatchNormDoubleGrad(
         for (int64_t i = 0; i < d.s; ++i) {
           e += hr[i];
           f += hr[i] * (xr[i] - mu);
-          g += hr[i] * gr[i];
+          g += hr[i] * grad(xr[i], gr[i]);
         }
         s_h += e;
         s_hc += f;
@@ -497,20 +508,40 @@ std::vector<paddle::Tensor> BatchNormDoubleGrad(
 #pragma omp simd
         for (int64_t i = 0; i < d.s; ++i) {
           const float xc = xr[i] - mu;
-          ox[i] = a_dy * gr[i] + a_h * hr[i] + a_xc * xc + a_0;
-          ody[i] = b_h * hr[i] + b_xc * xc + b_0;
+          const bool on = pass(xr[i]);
+          ox[i] = a_dy * (on ? gr[i] : 0.0f) + a_h * hr[i] + a_xc * xc + a_0;
+          ody[i] = on ? b_h * hr[i] + b_xc * xc + b_0 : 0.0f;
         }
       } else {
 #pragma omp simd
         for (int64_t i = 0; i < d.s; ++i) {
           const float xc = xr[i] - mu;
-          ox[i] = a_dy * gr[i] + a_xc * xc + a_0;
-          ody[i] = b_xc * xc + b_0;
+          const bool on = pass(xr[i]);
+          ox[i] = a_dy * (on ? gr[i] : 0.0f) + a_xc * xc + a_0;
+          ody[i] = on ? b_xc * xc + b_0 : 0.0f;
         }
       }
     }
   });
   return {gx, gw, gdy};
+}
+}  // namespace
+
+std::vector<paddle::Tensor> BatchNormDoubleGrad(
+    const paddle::Tensor& x, const paddle::Tensor& dy, const paddle::Tensor& w,
+    const paddle::Tensor& mean, const paddle::Tensor& inv_std, const paddle::Tensor& ddx,
+    const paddle::Tensor& ddw, const paddle::Tensor& ddb, int present, int threads) {
+  return batch_norm_double_backward<false>("pfsl_batch_norm_double_backward", x, dy, w, w,
+                                           mean, inv_std, ddx, ddw, ddb, present, threads);
+}
+
+std::vector<paddle::Tensor> BatchNormReluDoubleGrad(
+    const paddle::Tensor& x, const paddle::Tensor& dz, const paddle::Tensor& w,
+    const paddle::Tensor& b, const paddle::Tensor& mean, const paddle::Tensor& inv_std,
+    const paddle::Tensor& ddx, const paddle::Tensor& ddw, const paddle::Tensor& ddb, int present,
+    int threads) {
+  return batch_norm_double_backward<true>("pfsl_batch_norm_relu_double_backward", x, dz, w, b,
+                                          mean, inv_std, ddx, ddw, ddb, present, threads);
 }
 
 // -------------------------------------------------------------------- max pooling
@@ -643,6 +674,11 @@ std::vector<Shape> DoubleGradShapes(const Shape& x, const Shape&, const Shape&, 
                                     const Shape&, const Shape&, const Shape&, const Shape&) {
   return {x, channels(x), x};
 }
+std::vector<Shape> DoubleGradShapesOf9(const Shape& x, const Shape&, const Shape&, const Shape&,
+                                       const Shape&, const Shape&, const Shape&, const Shape&,
+                                       const Shape&) {
+  return {x, channels(x), x};
+}
 std::vector<Shape> MaxPoolShape(const Shape& x, const std::vector<int>& k,
                                 const std::vector<int>& s, const std::vector<int>& p) {
   const Shape y{x[0], x[1], pooled(x[2], k[0], s[0], p[0]), pooled(x[3], k[1], s[1], p[1])};
@@ -669,6 +705,11 @@ std::vector<DType> F32x3Of6(const DType&, const DType&, const DType&, const DTyp
 }
 std::vector<DType> F32x3Of8(const DType&, const DType&, const DType&, const DType&,
                             const DType&, const DType&, const DType&, const DType&) {
+  return {DType::FLOAT32, DType::FLOAT32, DType::FLOAT32};
+}
+std::vector<DType> F32x3Of9(const DType&, const DType&, const DType&, const DType&,
+                            const DType&, const DType&, const DType&, const DType&,
+                            const DType&) {
   return {DType::FLOAT32, DType::FLOAT32, DType::FLOAT32};
 }
 std::vector<DType> PoolTypes(const DType&) { return {DType::FLOAT32, DType::INT32}; }
@@ -752,6 +793,14 @@ PD_BUILD_OP(pfsl_batch_norm_double_backward)
     .SetKernelFn(PD_KERNEL(BatchNormDoubleGrad))
     .SetInferShapeFn(PD_INFER_SHAPE(DoubleGradShapes))
     .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of8));
+
+PD_BUILD_OP(pfsl_batch_norm_relu_double_backward)
+    .Inputs({"X", "DZ", "W", "B", "Mean", "InvStd", "DDX", "DDW", "DDB"})
+    .Outputs({"GX", "GW", "GDZ"})
+    .Attrs({"present: int", "threads: int"})
+    .SetKernelFn(PD_KERNEL(BatchNormReluDoubleGrad))
+    .SetInferShapeFn(PD_INFER_SHAPE(DoubleGradShapesOf9))
+    .SetInferDtypeFn(PD_INFER_DTYPE(F32x3Of9));
 
 PD_BUILD_OP(pfsl_max_pool2d)
     .Inputs({"X"})

@@ -51,6 +51,7 @@ __all__ = [
     "batch_norm_relu_train",
     "batch_norm_relu_backward",
     "batch_norm_relu_mask",
+    "batch_norm_relu_double_backward",
     "max_pool2d",
     "max_pool2d_backward",
 ]
@@ -320,6 +321,56 @@ def batch_norm_relu_backward(
     """
     dx, dw, db = onednn.run_op("pfsl_batch_norm_relu_backward", x, dz, weight, bias, mean, inv_std)
     return dx, dw, db
+
+
+def batch_norm_relu_double_backward(
+    x: paddle.Tensor,
+    dz: paddle.Tensor,
+    weight: paddle.Tensor,
+    bias: paddle.Tensor,
+    mean: paddle.Tensor,
+    inv_std: paddle.Tensor,
+    ddx: paddle.Tensor | None,
+    ddweight: paddle.Tensor | None,
+    ddbias: paddle.Tensor | None,
+) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """Second-order gradients of :func:`batch_norm_relu_backward`, in one pass.
+
+    :func:`batch_norm_double_backward` with ``dy`` = ``dz`` through the fused forward's
+    ReLU mask (recomputed from ``x``, exactly the forward's), and the gradient for ``dz``
+    masked the same way: ``(gx, gweight, gdz)``, equal bit for bit to masking ``dz`` with
+    :func:`batch_norm_relu_mask`, calling :func:`batch_norm_double_backward`, and masking
+    its ``gdy``. ``None`` stands for a zero upstream gradient.
+
+    Example:
+        >>> import paddle
+        >>> from paddlefsl.ops import cpu_kernels
+        >>> x, dz = paddle.to_tensor([[1.0], [3.0]]), paddle.to_tensor([[1.0], [-1.0]])
+        >>> if cpu_kernels.usable(x):  # the first output was cut by the ReLU: no gradient
+        ...     gx, gw, gdz = cpu_kernels.batch_norm_relu_double_backward(
+        ...         x, dz, paddle.ones([1]), paddle.zeros([1]), paddle.to_tensor([2.0]),
+        ...         paddle.to_tensor([1.0]), None, paddle.ones([1]), None)
+        ...     print(gdz.flatten().tolist())
+        ... else:
+        ...     print([0.0, 1.0])
+        [0.0, 1.0]
+
+    """
+    present = (ddx is not None) | (ddweight is not None) << 1 | (ddbias is not None) << 2
+    gx, gw, gdz = onednn.run_op(
+        "pfsl_batch_norm_relu_double_backward",
+        x,
+        dz,
+        weight,
+        bias,
+        mean,
+        inv_std,
+        x if ddx is None else ddx,  # stand-ins for absent gradients are never read
+        weight if ddweight is None else ddweight,
+        weight if ddbias is None else ddbias,
+        present,
+    )
+    return gx, gw, gdz
 
 
 def batch_norm_relu_mask(

@@ -447,10 +447,8 @@ class _BatchNormReLU(paddle.autograd.PyLayer):
     """Train-mode BatchNorm then ReLU on the CPU kernels: one node, one pass each way.
 
     The first-order backward recomputes the ReLU's mask from ``x`` inside the BatchNorm
-    backward kernel. A recorded backward masks ``dz`` in a node of its own
-    (:class:`_ReluMask`; the mask is a constant: ReLU's second derivative is zero) and
-    continues as :class:`_BatchNorm` does, through the one-node
-    :class:`_BatchNormBackward`.
+    backward kernel. A recorded backward is the one node :class:`_BatchNormReluBackward`
+    (the mask is a constant there: ReLU's second derivative is zero).
     """
 
     @staticmethod
@@ -472,10 +470,45 @@ class _BatchNormReLU(paddle.autograd.PyLayer):
                 x, dz, weight, bias, saved.mean, saved.inv_std
             )
             return only_required(grads, ctx.required)
-        # The mask is recomputed from x (alive anyway) by a node that keeps nothing: a
-        # kept mask, or the output, held about 200 MiB more on W2 MAML.
-        dy = _ReluMask.apply(dz, Held((x, weight, bias, saved)))
-        return only_required(_BatchNormBackward.apply(x, dy, weight, saved), ctx.required)
+        grads = _BatchNormReluBackward.apply(x, dz, weight, Held((bias, saved)))
+        return only_required(grads, ctx.required)
+
+
+class _BatchNormReluBackward(paddle.autograd.PyLayer):
+    """The first-order backward of the fused BatchNorm + ReLU, as a differentiable op.
+
+    Recorded by a backward pass that creates a graph (MAML's inner step), as
+    :class:`_BatchNormBackward` is for BatchNorm alone: one kernel forward
+    (``batch_norm_relu_backward``) and one backward (``batch_norm_relu_double_backward``),
+    each recomputing the ReLU's mask from ``x`` (alive anyway) instead of keeping it: a
+    kept mask, or the output, held about 200 MiB more on W2 MAML. The bias only shapes the
+    mask, a constant almost everywhere, so it is not an input. The backward of a backward
+    that is itself recorded (third order) composes :class:`_ReluMask` with the closed form.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dz, weight, held: Held):
+        bias, saved = held.value
+        ctx.held = held
+        ctx.required = requires(x, dz, weight)
+        ctx.save_for_backward(x, dz, weight)
+        return cpu_kernels.batch_norm_relu_backward(x, dz, weight, bias, saved.mean, saved.inv_std)
+
+    @staticmethod
+    def backward(ctx, ddx, ddweight, ddbias):
+        x, dz, weight = ctx.saved_tensor()
+        bias, saved = ctx.held.value
+        if creating_graph():
+            mask = Held((x, weight, bias, saved))
+            gx, gw, gdy = _double_backward_formula(
+                x, _ReluMask.apply(dz, mask), weight, ddx, ddweight, ddbias, saved.epsilon
+            )
+            gdz = _ReluMask.apply(gdy, mask)
+        else:
+            gx, gw, gdz = cpu_kernels.batch_norm_relu_double_backward(
+                x, dz, weight, bias, saved.mean, saved.inv_std, ddx, ddweight, ddbias
+            )
+        return only_required((gx, gdz, gw), ctx.required)
 
 
 class _ReluMask(paddle.autograd.PyLayer):
