@@ -236,6 +236,40 @@ def test_max_pool_matches_paddle_indices_and_gradient(
     close(kernels.max_pool2d_backward(index, dy, shape[2:]), gx, "pool backward")
 
 
+def _pool_gradients_to_third_order(x_np, dz_np):
+    x = paddle.to_tensor(x_np)
+    x.stop_gradient = False
+    y = F.max_pool2d(x, 3, 2, 1)
+    loss = (paddle.tanh(y) * paddle.to_tensor(dz_np)).sum()
+    grads = []
+    for order in (1, 2, 3):
+        (g,) = paddle.grad(loss, [x], create_graph=order < 3)
+        grads.append(g.numpy())
+        loss = (g * g * g).sum()  # odd, so that the sign of g matters too
+    return grads
+
+
+def test_max_pool_recorded_backward_on_the_kernel_is_exact_to_third_order(kernels, monkeypatch):
+    """Second-order MAML's inner step records the pool's backward; on the kernels it is
+    one node (scatter forward, gather backward), checked against Paddle's ops."""
+    fsl_ops.install()
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 4, 9, 7)).astype(np.float32)
+    dz = rng.standard_normal((3, 4, 5, 4)).astype(np.float32)
+    calls = []
+    original = cpu_kernels.max_pool2d_backward
+    monkeypatch.setattr(
+        cpu_kernels, "max_pool2d_backward", lambda *a: calls.append(1) or original(*a)
+    )
+    on = _pool_gradients_to_third_order(x, dz)
+    assert len(calls) >= 3, "the recorded backward did not run on the kernel"
+    monkeypatch.setenv("PADDLEFSL_CPU_KERNELS", "0")
+    off = _pool_gradients_to_third_order(x, dz)
+    for order, (a, b) in enumerate(zip(on, off), start=1):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"order {order}")
+        assert np.abs(a).max() > 1e-3, f"order {order} is trivially zero"
+
+
 def test_bad_input_names_the_problem(kernels):
     with pytest.raises(RuntimeError, match="one entry per channel"):
         kernels.channel_bias_add(paddle.zeros([2, 3, 4]), paddle.zeros([4]))

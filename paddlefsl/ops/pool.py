@@ -14,7 +14,7 @@ from collections.abc import Callable
 import paddle
 
 from . import cpu_kernels
-from ._common import creating_graph, plain_call, tracks_grad
+from ._common import Held, creating_graph, plain_call, tracks_grad
 from ._registry import native, register
 
 
@@ -56,6 +56,29 @@ def _scatter_to_input(
     return dx.reshape([n, c, h, w])
 
 
+class _RouteToMaxima(paddle.autograd.PyLayer):
+    """The max pool's backward on the CPU kernel, as a differentiable op.
+
+    Recorded by a backward pass that creates a graph (MAML's inner step). Linear in
+    ``dy``: its own backward gathers the upstream gradient at the window maxima, with
+    ``take_along_axis``, which Paddle differentiates to any order.
+    """
+
+    @staticmethod
+    def forward(ctx, dy, held: Held):
+        index, input_shape = held.value
+        ctx.held = held
+        return cpu_kernels.max_pool2d_backward(index, dy, input_shape[2:])
+
+    @staticmethod
+    def backward(ctx, g):
+        index, input_shape = ctx.held.value
+        n, c = input_shape[:2]
+        flat_index = index.reshape([n, c, -1]).astype("int64")
+        pooled = paddle.take_along_axis(g.reshape([n, c, -1]), flat_index, axis=2)
+        return pooled.reshape(index.shape)
+
+
 class _MaxPool2dWithIndex(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, x, attrs, holder: list):
@@ -80,7 +103,12 @@ class _MaxPool2dWithIndex(paddle.autograd.PyLayer):
     @staticmethod
     def backward(ctx, dy):
         index, *x = ctx.saved_tensor()
-        if creating_graph() or (ctx.fast and not cpu_kernels.usable(dy)):
+        kernel = ctx.fast and cpu_kernels.usable(dy)
+        if creating_graph():
+            if kernel:
+                return _RouteToMaxima.apply(dy, Held((index, ctx.input_shape)))
+            return _scatter_to_input(ctx.input_shape, index, dy)
+        if ctx.fast and not kernel:
             return _scatter_to_input(ctx.input_shape, index, dy)
         if ctx.fast:
             return cpu_kernels.max_pool2d_backward(index, dy, ctx.input_shape[2:])
