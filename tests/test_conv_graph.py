@@ -187,28 +187,33 @@ def test_gradients_only_for_inputs_that_need_them():
     assert x.grad is None
 
 
-def test_conv4_meta_gradient_through_the_fast_path(monkeypatch):
-    """MAML on Conv4 with every hidden conv routed through conv_graph: exact vs FD."""
+@pytest.mark.parametrize("channels", [1, 3], ids=["grey", "rgb"])
+def test_conv4_meta_gradient_through_the_fast_path(monkeypatch, channels):
+    """MAML on Conv4 with every conv, the first included, routed through conv_graph."""
     monkeypatch.setattr(conv_ops, "FAST_DTYPES", (paddle.float32, paddle.float64))
-    monkeypatch.setattr(conv_ops, "MIN_FAST_CHANNELS", 1)
     monkeypatch.setattr(conv_ops, "_FAST", [NATIVE_KERNELS])
     calls = []
     whole = conv_graph._Whole.apply
     monkeypatch.setattr(conv_graph._Whole, "apply", lambda *a: calls.append("whole") or whole(*a))
     for name in ("_graph_conv2d", "_graph_conv2d_bias"):
         real = getattr(conv_ops, name)
-        monkeypatch.setattr(
-            conv_ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a), raising=True
-        )
+
+        def spy(*a, _r=real, _n=name):
+            calls.append((_n, a[0].shape[1]))
+            return _r(*a)
+
+        monkeypatch.setattr(conv_ops, name, spy, raising=True)
     paddle.seed(0)
-    model = Conv4(1, 3, hidden=4, pooling="stride", image_size=16)
-    x, xq = paddle.randn([6, 1, 16, 16]), paddle.randn([6, 1, 16, 16])
+    model = Conv4(channels, 3, hidden=4, pooling="stride", image_size=16)
+    x, xq = paddle.randn([6, channels, 16, 16]), paddle.randn([6, channels, 16, 16])
     y = paddle.to_tensor(np.arange(6) % 3)
     report = check_second_order(
         MAML(model, lr=0.5), nn.CrossEntropyLoss(), (x, y), (xq, y), steps=2, rtol=1e-5
     )
-    # Conv4's convolutions have biases: they take the fused-bias graph.
-    assert "_graph_conv2d_bias" in calls, "the convolutions did not take the fast path"
+    # Conv4's convolutions have biases: they take the fused-bias graph, the first layer
+    # (1 or 3 input channels) included.
+    assert ("_graph_conv2d_bias", channels) in calls, "the first layer took Paddle's kernel"
+    assert ("_graph_conv2d_bias", 4) in calls, "the hidden layers took Paddle's kernel"
     assert "whole" in calls, "the hidden convolutions were not recorded as whole nodes"
     assert report.ok, str(report)
     assert abs(report.first_order - report.numeric) > 1e-3 * abs(report.numeric), str(report)
@@ -219,7 +224,7 @@ def test_conv4_meta_gradient_through_the_fast_path(monkeypatch):
     [
         ({}, True),
         ({"dtype": "float64"}, False),  # oneDNN has no float64 convolution
-        ({"channels": 3}, False),  # RGB first layers stay native (no faster there)
+        ({"channels": 3}, True),  # RGB first layers too (sgemm forwards, session 17)
         ({"channels": 1}, True),  # one-channel first layers gain from the filter gradient
         ({"fmt": "NHWC"}, False),
         ({"groups": 2}, False),
@@ -291,7 +296,6 @@ def test_gradient_of_one_input_only():
 def test_anil_with_a_convolutional_head_through_the_fast_path(monkeypatch):
     """ANIL's inner step differentiates the head only; the features reach its conv."""
     monkeypatch.setattr(conv_ops, "FAST_DTYPES", (paddle.float32, paddle.float64))
-    monkeypatch.setattr(conv_ops, "MIN_FAST_CHANNELS", 1)
     monkeypatch.setattr(conv_ops, "_FAST", [NATIVE_KERNELS])
     paddle.seed(0)
     features = nn.Sequential(nn.Conv2D(2, 4, 3, padding=1), nn.BatchNorm2D(4), nn.ReLU())
