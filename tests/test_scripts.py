@@ -183,10 +183,10 @@ def _rotated_characters(characters: int, drawings: int = 6):
     return ClassDataset(images, labels, names), names
 
 
-def test_test_split_spread_samples_distinct_characters_like_the_reference():
+def test_eval_character_subsets_samples_distinct_characters_like_the_reference():
     import numpy as np
 
-    spread = _script("test_split_spread")
+    spread = _script("eval_character_subsets")
     dataset, names = _rotated_characters(characters=7)
     tasks = spread.DistinctCharacterTasks(dataset, ways=5, shots=2, queries=3, seed=4)
     rotations_seen = set()
@@ -208,10 +208,10 @@ def test_test_split_spread_samples_distinct_characters_like_the_reference():
     assert again.classes.tolist() == tasks.sample(7).classes.tolist()
 
 
-def test_test_split_spread_keeps_only_the_chosen_characters():
+def test_eval_character_subsets_keeps_only_the_chosen_characters():
     import numpy as np
 
-    spread = _script("test_split_spread")
+    spread = _script("eval_character_subsets")
     dataset, names = _rotated_characters(characters=5, drawings=3)
     chosen = {"Alpha/character01", "Alpha/character04"}
     subset = spread.character_subset(dataset, chosen)

@@ -14,7 +14,7 @@ of that size adds to the number, which the usual 600-task interval does not incl
 reproduce the checkpoint's ``paddlefsl eval`` number exactly (a check of this script).
 
 Example:
-    python scripts/test_split_spread.py zoo/maml-omniglot-5w5s --data-root DATA/omniglot \
+    python scripts/eval_character_subsets.py zoo/maml-omniglot-5w5s --data-root DATA/omniglot \
         --subsets 40 --characters 100 --output spread.json
 
 """
