@@ -239,20 +239,27 @@ def batch_norm_double_backward(
         [0.0, 0.0] [0.0] [-1.0, 1.0]
 
     """
+    inputs = (x, dy, weight, mean, inv_std)
+    return _double_backward("pfsl_batch_norm_double_backward", inputs, ddx, ddweight, ddbias)
+
+
+def _double_backward(op: str, inputs: tuple, ddx, ddweight, ddbias):
+    """Run a BatchNorm double-backward op on ``inputs`` and the upstream gradients.
+
+    ``inputs`` starts with ``x`` and its third entry is the weight: they stand in for the
+    absent gradients, which the kernel never reads (a bit of ``present`` says which are).
+    """
+    x, weight = inputs[0], inputs[2]
     present = (ddx is not None) | (ddweight is not None) << 1 | (ddbias is not None) << 2
-    gx, gw, gdy = onednn.run_op(
-        "pfsl_batch_norm_double_backward",
-        x,
-        dy,
-        weight,
-        mean,
-        inv_std,
-        x if ddx is None else ddx,  # stand-ins for absent gradients are never read
+    gx, gw, g = onednn.run_op(
+        op,
+        *inputs,
+        x if ddx is None else ddx,
         weight if ddweight is None else ddweight,
         weight if ddbias is None else ddbias,
         present,
     )
-    return gx, gw, gdy
+    return gx, gw, g
 
 
 def batch_norm_relu_train(
@@ -356,21 +363,8 @@ def batch_norm_relu_double_backward(
         [0.0, 1.0]
 
     """
-    present = (ddx is not None) | (ddweight is not None) << 1 | (ddbias is not None) << 2
-    gx, gw, gdz = onednn.run_op(
-        "pfsl_batch_norm_relu_double_backward",
-        x,
-        dz,
-        weight,
-        bias,
-        mean,
-        inv_std,
-        x if ddx is None else ddx,  # stand-ins for absent gradients are never read
-        weight if ddweight is None else ddweight,
-        weight if ddbias is None else ddbias,
-        present,
-    )
-    return gx, gw, gdz
+    inputs = (x, dz, weight, bias, mean, inv_std)
+    return _double_backward("pfsl_batch_norm_relu_double_backward", inputs, ddx, ddweight, ddbias)
 
 
 def batch_norm_relu_mask(
