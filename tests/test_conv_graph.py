@@ -453,3 +453,48 @@ def test_narrowed_adaptation_stays_out_of_the_whole_gradient_scope():
     learner = HeadOnly(nn.Sequential(_ScopeProbe(seen), nn.Linear(3, 2)), lr=0.1).clone()
     learner(paddle.randn([4, 3]))
     assert seen == [False]
+
+
+def _rgb_meta_gradient():
+    paddle.set_default_dtype("float32")  # the fast kernels are float32 (the module's is 64)
+    paddle.seed(0)
+    model = Conv4(3, 5, hidden=8, pooling="max", image_size=21)
+    rng = np.random.default_rng(1)
+    xs = paddle.to_tensor(rng.standard_normal((5, 3, 21, 21)), "float32")
+    xq = paddle.to_tensor(rng.standard_normal((15, 3, 21, 21)), "float32")
+    ys, yq = paddle.to_tensor(np.arange(5)), paddle.to_tensor(np.arange(15) % 5)
+    maml = MAML(model, lr=0.05)
+    clone = maml.clone()
+    for _ in range(2):
+        clone.adapt(nn.functional.cross_entropy(clone(xs), ys))
+    params = list(maml.parameters())
+    grads = paddle.grad(nn.functional.cross_entropy(clone(xq), yq), params, allow_unused=True)
+    return [None if g is None else g.numpy() for g in grads]
+
+
+def test_rgb_conv4_meta_gradient_on_the_fast_kernels_equals_paddles(monkeypatch):
+    """The real fast kernels (oneDNN, sgemm for the 3-channel first layer) in a whole
+    second-order meta-gradient, against the same graph on Paddle's kernels."""
+    fast = conv_ops.fast_kernels()
+    if fast is None:
+        pytest.skip("the oneDNN kernels are unavailable here")
+    calls = []
+    real = conv_ops._graph_conv2d_bias
+
+    def spy(*a):
+        calls.append(a[0].shape[1])
+        return real(*a)
+
+    monkeypatch.setattr(conv_ops, "_graph_conv2d_bias", spy)
+    on_fast = _rgb_meta_gradient()
+    assert 3 in calls, "the RGB first layer did not take the fast path"
+    monkeypatch.setattr(conv_ops, "_FAST", [NATIVE_KERNELS])
+    on_native = _rgb_meta_gradient()
+    assert [g is None for g in on_fast] == [g is None for g in on_native]
+    assert sum(g is not None for g in on_fast) >= 12
+    # Conv biases before BatchNorm have a zero gradient up to rounding (about 1e-7 here),
+    # hence the absolute floor; the others agree to about 1e-6 relative.
+    atol = 1e-5 * max(np.abs(w).max() for w in on_native if w is not None)
+    for got, want in zip(on_fast, on_native):
+        if want is not None:
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() + atol
