@@ -103,15 +103,12 @@ class _MaxPool2dWithIndex(paddle.autograd.PyLayer):
     @staticmethod
     def backward(ctx, dy):
         index, *x = ctx.saved_tensor()
-        kernel = ctx.fast and cpu_kernels.usable(dy)
-        if creating_graph():
-            if kernel:
+        if ctx.fast and cpu_kernels.usable(dy):
+            if creating_graph():
                 return _RouteToMaxima.apply(dy, Held((index, ctx.input_shape)))
-            return _scatter_to_input(ctx.input_shape, index, dy)
-        if ctx.fast and not kernel:
-            return _scatter_to_input(ctx.input_shape, index, dy)
-        if ctx.fast:
             return cpu_kernels.max_pool2d_backward(index, dy, ctx.input_shape[2:])
+        if creating_graph() or ctx.fast:
+            return _scatter_to_input(ctx.input_shape, index, dy)
         return native("max_pool2d_with_index_grad")(x[0], index, dy, *ctx.attrs)
 
 
