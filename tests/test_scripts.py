@@ -220,3 +220,106 @@ def test_eval_character_subsets_keeps_only_the_chosen_characters():
     # Every image still carries its own class: the images moved with their labels.
     pixels = np.rint(subset.get_images(np.arange(len(subset)))[:, 0, 0, 0] * 255).astype(int)
     assert pixels.tolist() == subset.labels.tolist()
+
+
+# ------------------------------------------------------------- eval_cbfinn_checkpoint.py
+def _cbfinn_script():
+    path = ROOT / "scripts/eval_cbfinn_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("eval_cbfinn_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tf_conv_same(x, w, stride=2):
+    """TensorFlow's conv2d(x, w, stride, 'SAME') in NumPy: x NHWC, w HWIO."""
+    import numpy as np
+
+    n, size, _, _ = x.shape
+    k = w.shape[0]
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    lo, hi = total // 2, total - total // 2
+    xp = np.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    y = np.zeros((n, out, out, w.shape[3]))
+    for i in range(k):
+        for j in range(k):
+            patch = xp[:, i : i + stride * out : stride, j : j + stride * out : stride, :]
+            y += np.einsum("nhwc,co->nhwo", patch, w[i, j])
+    return y
+
+
+def _tf_reference_logits(arrays, x):
+    """cbfinn/maml's forward_conv for Omniglot (batch-statistics BatchNorm, no scale)."""
+    import numpy as np
+
+    h = x.astype(np.float64)
+    for i in range(1, 5):
+        h = _tf_conv_same(h, arrays[f"conv{i}"]) + arrays[f"b{i}"]
+        mean = h.mean(axis=(0, 1, 2), keepdims=True)
+        var = ((h - mean) ** 2).mean(axis=(0, 1, 2), keepdims=True)
+        h = np.maximum((h - mean) / np.sqrt(var + 1e-3) + arrays[f"beta{i}"], 0.0)
+    return h.mean(axis=(1, 2)) @ arrays["w5"] + arrays["b5"]
+
+
+def _random_cbfinn_arrays(seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {"conv1": rng.normal(0, 0.3, (3, 3, 1, 64))}
+    for i in range(2, 5):
+        arrays[f"conv{i}"] = rng.normal(0, 0.05, (3, 3, 64, 64))
+    for i in range(1, 5):
+        arrays[f"b{i}"] = rng.normal(0, 0.1, 64)
+        arrays[f"beta{i}"] = rng.normal(0, 0.1, 64)
+    arrays["w5"], arrays["b5"] = rng.normal(0, 1, (64, 5)), rng.normal(0, 0.1, 5)
+    return arrays
+
+
+def test_cbfinn_checkpoint_runs_as_the_tensorflow_network():
+    import numpy as np
+    import paddle
+
+    from paddlefsl.train.builders import build_model
+    from paddlefsl.train.config import build_config
+
+    script = _cbfinn_script()
+    arrays = _random_cbfinn_arrays()
+    config, _ = build_config(preset="maml-omniglot-5w5s", network="reference")
+    model = build_model(config)
+    script.load_into(model, arrays)
+    x = (np.random.default_rng(1).random((10, 28, 28, 1)) > 0.8).astype(np.float32)
+    expected = _tf_reference_logits(arrays, x)
+    model.train()  # batch statistics, as the reference always uses
+    symmetric = model(paddle.to_tensor(x.transpose(0, 3, 1, 2))).numpy()
+    script.use_tf_same_padding(model, 28)
+    got = model(paddle.to_tensor(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # Paddle's symmetric padding samples a shifted grid: the padding step is needed.
+    assert np.abs(symmetric - expected).max() > 1e-2
+
+
+def test_cbfinn_checkpoint_padding_and_errors(tmp_path):
+    import numpy as np
+    import pytest
+
+    script = _cbfinn_script()
+    assert [script.tf_same_padding(s) for s in (28, 14, 7, 4)] == [
+        [0, 1, 0, 1],
+        [0, 1, 0, 1],
+        [1, 1, 1, 1],
+        [0, 1, 0, 1],
+    ]
+    arrays = _random_cbfinn_arrays()
+    del arrays["beta3"]
+    np.savez(tmp_path / "partial.npz", **arrays)
+    with pytest.raises(SystemExit, match="lacks \\['beta3'\\]"):
+        script.read_arrays(str(tmp_path / "partial.npz"))
+    arrays = _random_cbfinn_arrays()
+    arrays["w5"] = np.zeros((64, 20))  # a 20-way model
+    from paddlefsl.train.builders import build_model
+    from paddlefsl.train.config import build_config
+
+    model = build_model(build_config(preset="maml-omniglot-5w5s", network="reference")[0])
+    with pytest.raises(SystemExit, match="head.weight.*5-way"):
+        script.load_into(model, arrays)

@@ -1,0 +1,200 @@
+r"""Evaluate a cbfinn/maml Omniglot checkpoint with paddlefsl's evaluation.
+
+The MAML reference code (github.com/cbfinn/maml, TensorFlow 1) tests on its own character
+split with its own task sampling. To compare a model it trained with paddlefsl's runs on
+the same footing, this script loads its weights into paddlefsl's ``--network reference``
+Conv4 (no BatchNorm scale, epsilon 1e-3, offsets not adapted in the inner loop) and scores
+them on the fixed 600 test tasks of ``paddlefsl eval``, optionally paired per task with an
+``eval_test.json`` of a paddlefsl model.
+
+Two details of the reference network are reproduced here and nowhere else:
+
+* TensorFlow's ``SAME`` padding of a stride-2 convolution puts the odd pixel of padding at
+  the bottom and right (28 -> 14 pads 0 above, 1 below); paddlefsl's Conv4 pads 1 on every
+  side. The converted model pads as TensorFlow does (:func:`use_tf_same_padding`).
+* Weights are stored ``[kh, kw, in, out]`` (HWIO); Paddle's are ``[out, in, kh, kw]``.
+
+A TensorFlow checkpoint is read with TensorFlow (``pip install tensorflow-cpu``); the
+``--dump`` option writes its arrays to an ``.npz`` that this script reads without it.
+
+Example:
+    python scripts/eval_cbfinn_checkpoint.py --checkpoint logs/.../model5000 \
+        --data-root ../shared/data/omniglot --compare zoo/maml-omniglot-5w5s/eval_test.json
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+#: Variable names of cbfinn/maml's Omniglot Conv4 (``maml.construct_conv_weights``): the
+#: four convolution biases are unnamed ``tf.Variable``s, the BatchNorm offsets live in the
+#: variable scopes ``model/0`` ... ``model/3`` of ``tf.contrib.layers.batch_norm``.
+TF_NAMES = {
+    **{f"conv{i}": f"model/conv{i}" for i in range(1, 5)},
+    "b1": "model/Variable",
+    **{f"b{i}": f"model/Variable_{i - 1}" for i in range(2, 5)},
+    **{f"beta{i}": f"model/{i - 1}/BatchNorm/beta" for i in range(1, 5)},
+    "w5": "model/w5",
+    "b5": "model/b5",
+}
+
+
+def read_tf_checkpoint(prefix: str) -> dict[str, np.ndarray]:
+    """The arrays of a cbfinn/maml checkpoint (``.../model5000``), keyed as :data:`TF_NAMES`.
+
+    Raises:
+        SystemExit: TensorFlow is not installed, or the checkpoint lacks a variable.
+
+    """
+    try:
+        import tensorflow as tf  # noqa: PLC0415  (optional: only this reader needs it)
+    except ImportError:
+        raise SystemExit(
+            "reading a TensorFlow checkpoint needs tensorflow (pip install tensorflow-cpu); "
+            "or pass an .npz written by this script's --dump on a machine that has it"
+        ) from None
+    reader = tf.train.load_checkpoint(prefix)
+    stored = reader.get_variable_to_shape_map()
+    missing = sorted(v for v in TF_NAMES.values() if v not in stored)
+    if missing:
+        raise SystemExit(
+            f"{prefix} is not a cbfinn/maml Omniglot Conv4 checkpoint: missing {missing}"
+        )
+    return {key: reader.get_tensor(name) for key, name in TF_NAMES.items()}
+
+
+def read_arrays(path: str) -> dict[str, np.ndarray]:
+    """Arrays from an ``.npz`` (as ``--dump`` writes) or a TensorFlow checkpoint prefix."""
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+        missing = sorted(set(TF_NAMES) - set(arrays))
+        if missing:
+            raise SystemExit(f"{path} lacks {missing}; write it with --dump")
+        return arrays
+    return read_tf_checkpoint(path)
+
+
+def paddle_state(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference Conv4's state-dict entries (float32) for the TensorFlow arrays."""
+    state: dict[str, np.ndarray] = {}
+    for i in range(4):
+        state[f"features.{i}.0.weight"] = arrays[f"conv{i + 1}"].transpose(3, 2, 0, 1)
+        state[f"features.{i}.0.bias"] = arrays[f"b{i + 1}"]
+        state[f"features.{i}.1.bias"] = arrays[f"beta{i + 1}"]
+    state["head.weight"] = arrays["w5"]
+    state["head.bias"] = arrays["b5"]
+    return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in state.items()}
+
+
+def load_into(model: paddle.nn.Layer, arrays: dict[str, np.ndarray]) -> None:
+    """Copy the TensorFlow weights into paddlefsl's reference Conv4 (shapes checked).
+
+    Raises:
+        SystemExit: a shape does not match (another width, ways or network).
+
+    """
+    own = model.state_dict()
+    for key, value in paddle_state(arrays).items():
+        if key not in own or list(own[key].shape) != list(value.shape):
+            have = list(own[key].shape) if key in own else "nothing"
+            raise SystemExit(
+                f"{key}: the checkpoint has shape {list(value.shape)}, the model {have}; "
+                "is it a 5-way, 64-channel Omniglot model?"
+            )
+        own[key].set_value(paddle.to_tensor(value))
+
+
+def tf_same_padding(size: int, kernel: int = 3, stride: int = 2) -> list[int]:
+    """``[left, right, top, bottom]`` padding of TensorFlow's ``SAME`` for a square input.
+
+    Example:
+        >>> tf_same_padding(28), tf_same_padding(7)
+        ([0, 1, 0, 1], [1, 1, 1, 1])
+
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return [total // 2, total - total // 2] * 2
+
+
+def use_tf_same_padding(model: paddle.nn.Layer, image_size: int = 28) -> None:
+    """Make the stride-2 Conv4's convolutions pad as TensorFlow's ``SAME`` does."""
+    size = image_size
+    for conv in [m for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D)]:
+        pad = tf_same_padding(size, conv._kernel_size[0], conv._stride[0])
+        conv._padding = [0, 0]
+        conv._updated_padding = [0, 0]
+        conv.register_forward_pre_hook(lambda layer, inputs, pad=pad: (F.pad(inputs[0], pad),))
+        size = -(-size // conv._stride[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: evaluate (or ``--dump``) one checkpoint; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="TF checkpoint prefix or .npz")
+    parser.add_argument("--dump", metavar="NPZ", help="only write the arrays to NPZ and exit")
+    parser.add_argument("--data-root", help="folder with the Omniglot zips")
+    parser.add_argument("--inner-steps-test", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=600)
+    parser.add_argument("--compare", help="an eval_test.json to pair the tasks with")
+    parser.add_argument("--output", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+
+    arrays = read_arrays(args.checkpoint)
+    if args.dump:
+        np.savez(args.dump, **arrays)
+        print(f"wrote {args.dump}")
+        return 0
+
+    from paddlefsl.runtime import use_cores
+    from paddlefsl.train.builders import build_learner, build_tasks
+    from paddlefsl.train.config import build_config
+    from paddlefsl.train.evaluate import evaluate, paired_difference
+
+    use_cores(1)
+    config, _ = build_config(
+        preset="maml-omniglot-5w5s",
+        network="reference",
+        data_root=args.data_root,
+        eval_tasks=args.tasks,
+        inner_steps_test=args.inner_steps_test,
+    )
+    learner = build_learner(config)
+    load_into(learner.module, arrays)
+    use_tf_same_padding(learner.module, config.image_size)
+    tasks = build_tasks(config, "test", num_tasks=config.eval_tasks)
+    result = evaluate(learner, tasks, config.inner_steps_test, "classification", by_step=True)
+    report: dict[str, Any] = {"checkpoint": args.checkpoint, "split": "test", **result.to_dict()}
+    line = (
+        f"test accuracy {100 * result.mean:.2f}% +- {100 * result.ci95:.2f} "
+        f"({result.num_tasks} tasks, {result.inner_steps} steps); by step: "
+        + ", ".join(f"{100 * row['mean']:.2f}" for row in result.by_step)
+    )
+    if args.compare:
+        other = json.loads(Path(args.compare).read_text())
+        if other.get("num_tasks") != result.num_tasks:
+            raise SystemExit(f"{args.compare} scored {other.get('num_tasks')} tasks, not these")
+        diff = paired_difference(other["values"], result.values)
+        report["paired"] = {"against": args.compare, **vars(diff)}
+        line += (
+            f"; paired against {args.compare}: {100 * diff.mean:+.2f} +- "
+            f"{100 * diff.ci95:.2f} points ({diff.better} tasks better, {diff.worse} worse)"
+        )
+    if args.output:
+        Path(args.output).write_text(json.dumps(report))
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
