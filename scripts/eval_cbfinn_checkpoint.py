@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paddle
-import paddle.nn.functional as F
+
+# paddle is imported where it is used: --dump runs where only TensorFlow is installed.
 
 #: Variable names of cbfinn/maml's Omniglot Conv4 (``maml.construct_conv_weights``): the
 #: four convolution biases are unnamed ``tf.Variable``s, the BatchNorm offsets live in the
@@ -96,13 +96,15 @@ def paddle_state(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in state.items()}
 
 
-def load_into(model: paddle.nn.Layer, arrays: dict[str, np.ndarray]) -> None:
+def load_into(model: Any, arrays: dict[str, np.ndarray]) -> None:
     """Copy the TensorFlow weights into paddlefsl's reference Conv4 (shapes checked).
 
     Raises:
         SystemExit: a shape does not match (another width, ways or network).
 
     """
+    import paddle  # noqa: PLC0415
+
     own = model.state_dict()
     for key, value in paddle_state(arrays).items():
         if key not in own or list(own[key].shape) != list(value.shape):
@@ -127,8 +129,11 @@ def tf_same_padding(size: int, kernel: int = 3, stride: int = 2) -> list[int]:
     return [total // 2, total - total // 2] * 2
 
 
-def use_tf_same_padding(model: paddle.nn.Layer, image_size: int = 28) -> None:
+def use_tf_same_padding(model: Any, image_size: int = 28) -> None:
     """Make the stride-2 Conv4's convolutions pad as TensorFlow's ``SAME`` does."""
+    import paddle  # noqa: PLC0415
+    import paddle.nn.functional as F  # noqa: PLC0415, N812
+
     size = image_size
     for conv in [m for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D)]:
         pad = tf_same_padding(size, conv._kernel_size[0], conv._stride[0])
