@@ -87,7 +87,11 @@ def test_same_forward_and_gradient_as_native(name):
         if expected is None:
             assert got is None or not np.any(got)
         else:
-            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+            # Float32 sums of thousands of terms (conv1d's weight gradient sums 38,400)
+            # differ with the summation order, which depends on the CPU's kernels: an
+            # element that cancels to 0.43 among entries of 200 carries ~1e-4 of error.
+            atol = max(1e-5, 1e-6 * float(np.abs(expected).max()))
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=atol)
 
 
 def test_dropout_masks_like_native():
