@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from paddlefsl.runtime import use_cores
-    from paddlefsl.train.builders import build_learner, build_tasks
+    from paddlefsl.train.builders import build_learner, build_tasks, eval_seed
+    from paddlefsl.train.checkpoint import atomic_write_json
     from paddlefsl.train.config import build_config
     from paddlefsl.train.evaluate import evaluate, paired_difference
 
@@ -179,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     use_tf_same_padding(learner.module, config.image_size)
     tasks = build_tasks(config, "test", num_tasks=config.eval_tasks)
     result = evaluate(learner, tasks, config.inner_steps_test, "classification", by_step=True)
-    report: dict[str, Any] = {"checkpoint": args.checkpoint, "split": "test", **result.to_dict()}
+    report: dict[str, Any] = {
+        "checkpoint": args.checkpoint,
+        "split": "test",
+        "task_seed": eval_seed("test"),
+        **result.to_dict(),
+    }
     line = (
         f"test accuracy {100 * result.mean:.2f}% +- {100 * result.ci95:.2f} "
         f"({result.num_tasks} tasks, {result.inner_steps} steps); by step: "
@@ -187,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.compare:
         other = json.loads(Path(args.compare).read_text())
-        if other.get("num_tasks") != result.num_tasks:
-            raise SystemExit(f"{args.compare} scored {other.get('num_tasks')} tasks, not these")
+        # Pairing is per task: the other evaluation must have scored these very tasks.
+        for key in ("split", "task_seed", "num_tasks"):
+            if other.get(key) != report[key]:
+                raise SystemExit(
+                    f"{args.compare} has {key}={other.get(key)!r}, these tasks {report[key]!r}: "
+                    "they are not the same tasks and cannot be paired"
+                )
         diff = paired_difference(other["values"], result.values)
         report["paired"] = {"against": args.compare, **vars(diff)}
         line += (
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * diff.ci95:.2f} points ({diff.better} tasks better, {diff.worse} worse)"
         )
     if args.output:
-        Path(args.output).write_text(json.dumps(report))
+        atomic_write_json(args.output, report)
     print(line)
     return 0
 
