@@ -566,11 +566,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- compare
-#: Report fields that must agree for two evaluations to have scored the same tasks.
-_SAME_TASKS = ("split", "task_seed", "num_tasks", "metric")
-_SAME_SETTING = ("dataset", "ways", "shots", "queries")
-
-
 def _read_eval_report(path_text: str, split: str) -> tuple[Path, dict[str, Any]]:
     from .train.errors import ConfigError
 
@@ -598,13 +593,12 @@ def _read_eval_report(path_text: str, split: str) -> tuple[Path, dict[str, Any]]
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .train.errors import ConfigError
-    from .train.evaluate import paired_difference
+    from .train.evaluate import paired_difference, unpaired_fields
 
     base_path, base = _read_eval_report(args.baseline, args.split)
     cand_path, cand = _read_eval_report(args.candidate, args.split)
-    differing = [k for k in _SAME_TASKS if base.get(k) != cand.get(k)]
+    differing = unpaired_fields(base, cand)
     base_cfg, cand_cfg = base.get("config") or {}, cand.get("config") or {}
-    differing += [k for k in _SAME_SETTING if base_cfg.get(k) != cand_cfg.get(k)]
     if differing or len(base["values"]) != len(cand["values"]):
         detail = ", ".join(
             f"{k} ({base.get(k, base_cfg.get(k))} vs {cand.get(k, cand_cfg.get(k))})"

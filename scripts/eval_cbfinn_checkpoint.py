@@ -165,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     from paddlefsl.train.builders import build_learner, build_tasks, eval_seed
     from paddlefsl.train.checkpoint import atomic_write_json
     from paddlefsl.train.config import build_config
-    from paddlefsl.train.evaluate import evaluate, paired_difference
+    from paddlefsl.train.evaluate import (
+        SAME_SETTING,
+        evaluate,
+        paired_difference,
+        unpaired_fields,
+    )
 
     use_cores(1)
     config, _ = build_config(
@@ -184,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": args.checkpoint,
         "split": "test",
         "task_seed": eval_seed("test"),
+        "config": {k: getattr(config, k) for k in SAME_SETTING},  # as paddlefsl eval writes it
         **result.to_dict(),
     }
     line = (
@@ -193,13 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.compare:
         other = json.loads(Path(args.compare).read_text())
-        # Pairing is per task: the other evaluation must have scored these very tasks.
-        for key in ("split", "task_seed", "num_tasks"):
-            if other.get(key) != report[key]:
-                raise SystemExit(
-                    f"{args.compare} has {key}={other.get(key)!r}, these tasks {report[key]!r}: "
-                    "they are not the same tasks and cannot be paired"
-                )
+        differing = unpaired_fields(other, report)
+        if differing:
+            raise SystemExit(
+                f"{args.compare} differs in {', '.join(differing)}: it did not score these "
+                "tasks, so they cannot be paired"
+            )
         diff = paired_difference(other["values"], result.values)
         report["paired"] = {"against": args.compare, **vars(diff)}
         line += (

@@ -38,6 +38,7 @@ from .evaluate import (
     confidence_interval,
     evaluate,
     paired_difference,
+    unpaired_fields,
 )
 from .metrics import MetricsLog, plot_learning_curve, read_metrics
 from .objectives import CLASSIFICATION, REGRESSION, Objective
@@ -82,4 +83,5 @@ __all__ = [
     "restore_rng_state",
     "run_status",
     "seed_everything",
+    "unpaired_fields",
 ]

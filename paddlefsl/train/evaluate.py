@@ -13,7 +13,14 @@ import paddle
 
 from .objectives import Objective, adapt, get_objective, infer_task_type
 
-__all__ = ["EvalResult", "PairedDifference", "confidence_interval", "evaluate", "paired_difference"]
+__all__ = [
+    "EvalResult",
+    "PairedDifference",
+    "confidence_interval",
+    "evaluate",
+    "paired_difference",
+    "unpaired_fields",
+]
 
 
 def confidence_interval(values: Iterable[float]) -> tuple[float, float, float]:
@@ -132,6 +139,36 @@ class PairedDifference:
     def excludes_zero(self) -> bool:
         """Whether the 95% interval lies entirely on one side of zero."""
         return abs(self.mean) > self.ci95
+
+
+#: Fields of an evaluation report (``paddlefsl eval``'s JSON) that must agree for two
+#: evaluations to have scored the same tasks, at the top level and in its ``config``.
+SAME_TASKS = ("split", "task_seed", "num_tasks", "metric")
+SAME_SETTING = ("dataset", "ways", "shots", "queries")
+
+
+def unpaired_fields(baseline: dict[str, Any], candidate: dict[str, Any]) -> list[str]:
+    """Names of the report fields showing that two evaluations scored different tasks.
+
+    Pairing (:func:`paired_difference`) is per task, so it is only meaningful when both
+    reports come from the same split, task seed, task count, metric and dataset setting.
+
+    Args:
+        baseline: An evaluation report (``split``, ``task_seed``, ..., ``config``).
+        candidate: Another one.
+
+    Returns:
+        The differing fields, empty when the two can be paired.
+
+    Example:
+        >>> a = {"split": "test", "task_seed": 1, "num_tasks": 600, "metric": "accuracy"}
+        >>> unpaired_fields(a, {**a, "task_seed": 2})
+        ['task_seed']
+
+    """
+    differing = [k for k in SAME_TASKS if baseline.get(k) != candidate.get(k)]
+    base_cfg, cand_cfg = baseline.get("config") or {}, candidate.get("config") or {}
+    return differing + [k for k in SAME_SETTING if base_cfg.get(k) != cand_cfg.get(k)]
 
 
 def paired_difference(
