@@ -591,6 +591,18 @@ def _read_eval_report(path_text: str, split: str) -> tuple[Path, dict[str, Any]]
     return path, report
 
 
+def _interval_text(low: float, high: float) -> str:
+    """``[low, high]`` with the fewest decimals (two to six) that keep each bound's sign.
+
+    At two decimals, ``-0.14 +- 0.14`` could exclude 0 and look as if it touched it; the
+    bounds are printed precisely enough to show which side of 0 they lie on.
+    """
+    for decimals in range(2, 7):
+        if all(bound == 0 or round(bound, decimals) != 0 for bound in (low, high)):
+            break
+    return f"[{low:+.{decimals}f}, {high:+.{decimals}f}]"
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .train.errors import ConfigError
     from .train.evaluate import paired_difference, unpaired_fields
@@ -611,10 +623,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     metric, split = base["metric"], base.get("split", args.split)  # a file names its own split
     diff = paired_difference(base["values"], cand["values"], higher_is_better=metric != "mse")
     scale, unit = (100.0, " points") if metric == "accuracy" else (1.0, "")
+    low, high = (scale * bound for bound in diff.interval)
+    interval = _interval_text(low, high)
     verdict = (
-        "the interval excludes 0"
+        f"the interval {interval} excludes 0"
         if diff.excludes_zero
-        else "the interval includes 0: no difference shown"
+        else f"the interval {interval} includes 0: no difference shown"
     )
     print(
         f"{split} {metric}, candidate - baseline: {scale * diff.mean:+.2f} +- "

@@ -140,6 +140,11 @@ class PairedDifference:
         """Whether the 95% interval lies entirely on one side of zero."""
         return abs(self.mean) > self.ci95
 
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95% interval ``(mean - ci95, mean + ci95)``."""
+        return self.mean - self.ci95, self.mean + self.ci95
+
 
 #: Fields of an evaluation report (``paddlefsl eval``'s JSON) that must agree for two
 #: evaluations to have scored the same tasks, at the top level and in its ``config``.

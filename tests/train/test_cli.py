@@ -131,7 +131,16 @@ def test_compare_pairs_two_evaluations(capsys, tmp_path):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("test accuracy, candidate - baseline: +2.40 +- ")
     assert "better on 2, worse on 1, equal on 2" in out[0] and "includes 0" in out[0]
+    assert "the interval [-" in out[0]
     assert out[1].startswith("  baseline: 95.20 +- 1.00 (iteration 5")
+
+    # A gain whose interval ends just above 0: the bounds get the decimals that show it.
+    near = _eval_report(tmp_path / "n", [0.9] * 300 + [0.8] * 300)
+    gain = _eval_report(tmp_path / "g", [0.9] * 300 + [0.8] * 296 + [0.9] * 4)
+    assert main(["compare", str(near), str(gain)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("test accuracy, candidate - baseline: +0.07 +- 0.07 points")
+    assert "the interval [+0.002, +0.132] excludes 0" in line
 
     other = _eval_report(tmp_path / "c", [1.0] * 5, task_seed=8)
     line = cli_error(capsys, ["compare", str(base), str(other)])
