@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,16 @@ def use_tf_same_padding(model: Any, image_size: int = 28) -> None:
         size = -(-size // conv._stride[0])
 
 
+def checkpoint_iteration(path: str) -> int | None:
+    """The iteration in a checkpoint's name: cbfinn/maml saves ``model<iteration>``.
+
+    ``.../model13000`` and ``ref13000.npz`` give 13000; a name without a trailing number gives
+    ``None`` (give ``--iteration``).
+    """
+    match = re.search(r"(\d+)$", Path(path).name.removesuffix(".npz"))
+    return int(match.group(1)) if match else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: evaluate (or ``--dump``) one checkpoint; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -153,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=600)
     parser.add_argument("--compare", help="an eval_test.json to pair the tasks with")
     parser.add_argument("--output", help="write the result as JSON here")
+    parser.add_argument(
+        "--iteration", type=int, help="the checkpoint's iteration (default: from its name)"
+    )
     args = parser.parse_args(argv)
 
     arrays = read_arrays(args.checkpoint)
@@ -187,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(learner, tasks, config.inner_steps_test, "classification", by_step=True)
     report: dict[str, Any] = {
         "checkpoint": args.checkpoint,
+        "iteration": args.iteration
+        if args.iteration is not None
+        else checkpoint_iteration(args.checkpoint),
         "split": "test",
         "task_seed": eval_seed("test"),
         "config": {k: getattr(config, k) for k in SAME_SETTING},  # as paddlefsl eval writes it

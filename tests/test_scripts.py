@@ -304,6 +304,9 @@ def test_cbfinn_checkpoint_padding_and_errors(tmp_path):
     import pytest
 
     script = _cbfinn_script()
+    assert script.checkpoint_iteration("logs/omniglot5way5shot/cls_5/model13000") == 13000
+    assert script.checkpoint_iteration("/x/ref250.npz") == 250
+    assert script.checkpoint_iteration("/x/latest.npz") is None
     assert [script.tf_same_padding(s) for s in (28, 14, 7, 4)] == [
         [0, 1, 0, 1],
         [0, 1, 0, 1],
