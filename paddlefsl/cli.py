@@ -624,11 +624,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     diff = paired_difference(base["values"], cand["values"], higher_is_better=metric != "mse")
     scale, unit = (100.0, " points") if metric == "accuracy" else (1.0, "")
     low, high = (scale * bound for bound in diff.interval)
-    interval = _interval_text(low, high)
-    verdict = (
-        f"the interval {interval} excludes 0"
-        if diff.excludes_zero
-        else f"the interval {interval} includes 0: no difference shown"
+    verdict = f"the interval {_interval_text(low, high)} " + (
+        "excludes 0" if diff.excludes_zero else "includes 0: no difference shown"
     )
     print(
         f"{split} {metric}, candidate - baseline: {scale * diff.mean:+.2f} +- "
