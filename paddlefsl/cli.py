@@ -115,6 +115,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--iterations", type=int, default=s, help="meta-updates in the run")
     group.add_argument("--seed", type=int, default=s, help="initialisation and task seed")
+    group.add_argument(
+        "--task-pool",
+        type=int,
+        default=s,
+        metavar="N",
+        help="train on a fixed pool of N tasks, cycled in order (cbfinn/maml uses 200000); "
+        "default: a fresh task every time",
+    )
     group = p.add_argument_group("model")
     group.add_argument(
         "--hidden",
@@ -462,9 +470,10 @@ def _run_training(config: Any, progress: bool, resume: bool) -> int:
             f"starting from the weights of {config.init_from} (iteration {start} of its run)",
             file=sys.stderr,
         )
+    pool = f" (a pool of {config.task_pool} training tasks)" if config.task_pool else ""
     say(
         f"{config.algorithm} on {config.dataset}: {config.ways}-way {config.shots}-shot, "
-        f"{config.iterations} iterations -> {config.output}",
+        f"{config.iterations} iterations{pool} -> {config.output}",
         file=sys.stderr,
     )
     result = trainer.fit(config.iterations)

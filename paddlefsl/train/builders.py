@@ -7,7 +7,7 @@ from typing import Any
 
 import paddle
 
-from ..data import DEFAULT_EVAL_SEED, FixedTasks, SinusoidTasks, TaskSampler
+from ..data import DEFAULT_EVAL_SEED, FixedTasks, SinusoidTasks, TaskPool, TaskSampler
 from ..metaopt import ANIL, MAML, BaseLearner, MetaSGD
 from ..models import MLP, Conv4
 from .config import TrainConfig
@@ -184,6 +184,8 @@ def build_trainer(
     learner = build_learner(config) if learner is None else learner
     optimizer = build_optimizer(config, learner)
     train_tasks = build_tasks(config, "train")
+    if config.task_pool:
+        train_tasks = TaskPool(train_tasks, config.task_pool)
     val_tasks = build_tasks(config, "val", num_tasks=config.val_tasks) if config.val_tasks else None
     return MetaTrainer(
         learner,

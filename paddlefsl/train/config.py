@@ -99,6 +99,9 @@ class TrainConfig:
             ``10 * shots / (ways * queries)``.
         iterations: Meta-updates in the whole run.
         seed: Seed of the model initialisation and of the training task stream.
+        task_pool: Train on a fixed pool of this many tasks, cycled in order (as
+            cbfinn/maml's 200,000-task list; see :class:`~paddlefsl.data.TaskPool`);
+            ``None`` or 0: a fresh task every time.
         hidden: Conv4 channels, or the width of the two sinusoid MLP layers.
         pooling: Conv4 ``"max"`` (max-pool) or ``"stride"`` (strided convs).
         image_size: Image side in pixels.
@@ -148,6 +151,7 @@ class TrainConfig:
     meta_grad_clip: float | None = None
     iterations: int = 60000
     seed: int = 0
+    task_pool: int | None = None
     hidden: int = 64
     pooling: str = "stride"
     image_size: int = 28
@@ -236,6 +240,8 @@ class TrainConfig:
                 f"--omniglot-antialias applies to --dataset omniglot only (got "
                 f"{self.dataset}); drop it"
             )
+        if self.task_pool is not None:
+            _integer("task_pool", self.task_pool, 0)
         clip = self.meta_grad_clip
         if clip is not None and (
             isinstance(clip, bool)

@@ -19,6 +19,10 @@ SINUSOID = SINUSOID_TRAIN
         (["train", "--preset", "maml-cifar-5w1s"], "unknown preset 'maml-cifar-5w1s'"),
         (["train", "--algorithm", "reptile"], "invalid choice: 'reptile'"),
         (["train", "--inner-lr", "-0.1", "--dataset", "sinusoid"], "--inner-lr must be positive"),
+        (
+            ["train", "--dataset", "sinusoid", "--task-pool", "-5"],
+            "--task-pool must be an integer >= 0 (got -5)",
+        ),
         (["train", "--dataset", "omniglot"], "--data-root is required"),
         (["eval"], "--checkpoint"),
         ([], "choose a command"),
@@ -322,7 +326,7 @@ def test_eval_warns_when_the_adapted_models_diverge(capsys, tmp_path, monkeypatc
     assert "warning: the mse is not finite" in err and "--inner-steps-test" in err
 
 
-def test_omniglot_antialias_flag_reaches_the_config(tmp_path):
+def test_omniglot_antialias_and_task_pool_flags_reach_the_config(tmp_path):
     from paddlefsl.cli import _train_config, build_parser
 
     def config(*extra):
@@ -332,3 +336,5 @@ def test_omniglot_antialias_flag_reaches_the_config(tmp_path):
 
     assert config("--omniglot-antialias").omniglot_antialias is True
     assert config().omniglot_antialias is False
+    assert config("--task-pool", "200000").task_pool == 200000
+    assert config().task_pool is None

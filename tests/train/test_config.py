@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from paddlefsl.train import PRESETS, ConfigError, build_config
@@ -77,6 +78,9 @@ def test_dataset_defaults_without_preset():
         ({"network": "resnet"}, "--network"),
         ({"meta_lr_schedule": "step"}, "--meta-lr-schedule"),
         ({"dataset": "sinusoid", "network": "reference"}, "--network"),
+        ({"task_pool": -1}, "--task-pool"),
+        ({"task_pool": 2.5}, "--task-pool"),
+        ({"task_pool": True}, "--task-pool"),
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -175,6 +179,28 @@ def test_omniglot_antialias_is_off_by_default_and_omniglot_only():
     saved = build_config("maml-omniglot-5w5s")[0].to_dict()
     del saved["omniglot_antialias"]
     assert TrainConfig.from_dict(saved).omniglot_antialias is False
+
+
+@pytest.mark.parametrize("size", [None, 0, 3])
+def test_task_pool_wraps_the_training_tasks_only(tmp_path, size):
+    from paddlefsl.data import TaskPool
+    from paddlefsl.train.builders import build_trainer
+
+    cfg, _ = build_config(dataset="sinusoid", task_pool=size, output=str(tmp_path / "r"))
+    trainer = build_trainer(cfg, progress=False)
+    train, val = trainer.train_tasks, trainer.val_tasks
+    if size:
+        assert isinstance(train, TaskPool) and len(train) == size
+        np.testing.assert_array_equal(train.sample(size + 1).query_y, train.sample(1).query_y)
+        assert not np.array_equal(train.sample(2).query_y, train.sample(1).query_y)
+    else:
+        assert not isinstance(train, TaskPool)
+        assert not np.array_equal(train.sample(4).query_y, train.sample(1).query_y)
+    assert not isinstance(val, TaskPool) and len(val) == cfg.val_tasks
+    # A config saved before the field existed resumes with fresh tasks.
+    saved = cfg.to_dict()
+    del saved["task_pool"]
+    assert TrainConfig.from_dict(saved).task_pool is None
 
 
 @pytest.mark.parametrize("flag", [False, True])
