@@ -13,6 +13,7 @@ Each (workload, algorithm) runs in its own process so that peak RSS is its own.
     python benchmarks/bench_learners.py --iters 3        # all: ours (1 and 2 processes) and
                                                          # learn2learn, table at the end
     python benchmarks/bench_learners.py --workload W1 --algo maml --iters 5   # one, JSON line
+    python benchmarks/bench_learners.py --workload W1s --algo maml --conv-padding same  # SAME
 
 learn2learn runs through the team's peer script (``shared/bench/peers/bench_torch.py``) in
 its own virtualenv (``--peer-python``, default ``~/venv-peers/bin/python``); without it the
@@ -41,7 +42,14 @@ ALGOS = ("maml", "fomaml", "anil", "foanil")
 WAYS, SHOTS, QUERIES = 5, 1, 15
 
 
-def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -> dict:
+def run_one(
+    workload: str,
+    algo: str,
+    iters: int,
+    warmup: int,
+    nproc: int = 1,
+    conv_padding: str = "symmetric",
+) -> dict:
     import numpy as np
     import paddle
     import paddle.distributed as dist
@@ -63,7 +71,7 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
     w = WORKLOADS[workload]
     paddle.seed(0)
     rng = np.random.default_rng(0)
-    model = Conv4(w["channels"], WAYS, w["hidden"], w["pooling"], w["size"])
+    model = Conv4(w["channels"], WAYS, w["hidden"], w["pooling"], w["size"], padding=conv_padding)
     first_order = algo.startswith("fo")
     anil = algo.endswith("anil")
     if anil:
@@ -115,6 +123,7 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
     return {
         "workload": workload,
         "algo": algo,
+        "conv_padding": conv_padding,
         "median_s": round(median, 3),
         "min_s": round(min(times), 3),
         "tasks_per_s": round(w["meta_batch"] / median, 2),
@@ -131,10 +140,12 @@ def run_one(workload: str, algo: str, iters: int, warmup: int, nproc: int = 1) -
     }
 
 
-def _spawned(workload: str, algo: str, iters: int, warmup: int, nproc: int) -> None:
+def _spawned(
+    workload: str, algo: str, iters: int, warmup: int, nproc: int, conv_padding: str
+) -> None:
     import paddle.distributed as dist
 
-    result = run_one(workload, algo, iters, warmup, nproc)
+    result = run_one(workload, algo, iters, warmup, nproc, conv_padding)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -202,6 +213,13 @@ def main() -> None:
         "meta-batch, for a single measurement",
     )
     parser.add_argument(
+        "--conv-padding",
+        choices=("symmetric", "same"),
+        default="symmetric",
+        help="Conv4 padding for a single measurement (same: TensorFlow's SAME, as "
+        "paddlefsl train --conv-padding same)",
+    )
+    parser.add_argument(
         "--nproc-list", default="1,2", help="process counts to measure in the table mode"
     )
     parser.add_argument(
@@ -240,11 +258,20 @@ def main() -> None:
 
             dist.spawn(
                 _spawned,
-                args=(args.workload, args.algo, args.iters, args.warmup, args.nproc),
+                args=(
+                    args.workload,
+                    args.algo,
+                    args.iters,
+                    args.warmup,
+                    args.nproc,
+                    args.conv_padding,
+                ),
                 nprocs=args.nproc,
             )
         else:
-            result = run_one(args.workload, args.algo, args.iters, args.warmup)
+            result = run_one(
+                args.workload, args.algo, args.iters, args.warmup, conv_padding=args.conv_padding
+            )
             print("RESULT " + json.dumps(result))
         return
     nprocs = [int(n) for n in args.nproc_list.split(",")]

@@ -46,7 +46,7 @@ def _fail(prog: str, message: Any, code: int = 2) -> NoReturn:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .train.config import ALGORITHMS, DATASETS, META_LR_SCHEDULES, NETWORKS
+    from .train.config import ALGORITHMS, CONV_PADDINGS, DATASETS, META_LR_SCHEDULES, NETWORKS
     from .train.presets import PRESETS
 
     s = argparse.SUPPRESS  # unset options stay absent, so the preset can fill them
@@ -144,6 +144,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="Conv4 details: default (Paddle's) or reference (cbfinn/maml's BatchNorm "
         "without scale, offsets not adapted in the inner loop, its initialisation); "
         f"see {DOCS}#networks",
+    )
+    group.add_argument(
+        "--conv-padding",
+        choices=CONV_PADDINGS,
+        default=s,
+        help="Conv4 padding: symmetric (1 pixel on every side, default) or same "
+        "(TensorFlow's SAME, as cbfinn/maml: stride-2 convolutions pad below and right only)",
     )
     group.add_argument(
         "--omniglot-scheme",

@@ -3,16 +3,12 @@ r"""Evaluate a cbfinn/maml Omniglot checkpoint with paddlefsl's evaluation.
 The MAML reference code (github.com/cbfinn/maml, TensorFlow 1) tests on its own character
 split with its own task sampling. To compare a model it trained with paddlefsl's runs on
 the same footing, this script loads its weights into paddlefsl's ``--network reference``
-Conv4 (no BatchNorm scale, epsilon 1e-3, offsets not adapted in the inner loop) and scores
-them on the fixed 600 test tasks of ``paddlefsl eval``, optionally paired per task with an
-``eval_test.json`` of a paddlefsl model.
-
-Two details of the reference network are reproduced here and nowhere else:
-
-* TensorFlow's ``SAME`` padding of a stride-2 convolution puts the odd pixel of padding at
-  the bottom and right (28 -> 14 pads 0 above, 1 below); paddlefsl's Conv4 pads 1 on every
-  side. The converted model pads as TensorFlow does (:func:`use_tf_same_padding`).
-* Weights are stored ``[kh, kw, in, out]`` (HWIO); Paddle's are ``[out, in, kh, kw]``.
+Conv4 (no BatchNorm scale, epsilon 1e-3, offsets not adapted in the inner loop) with
+``--conv-padding same`` (TensorFlow's ``SAME`` padding of a stride-2 convolution puts the odd
+pixel of padding at the bottom and right: 28 -> 14 pads 0 above, 1 below) and scores them on
+the fixed 600 test tasks of ``paddlefsl eval``, optionally paired per task with an
+``eval_test.json`` of a paddlefsl model. TensorFlow stores the filters ``[kh, kw, in, out]``
+(HWIO), Paddle ``[out, in, kh, kw]``: :func:`paddle_state` transposes them.
 
 A TensorFlow checkpoint is read with TensorFlow (``pip install tensorflow-cpu``); the
 ``--dump`` option writes its arrays to an ``.npz`` that this script reads without it.
@@ -117,33 +113,6 @@ def load_into(model: Any, arrays: dict[str, np.ndarray]) -> None:
         own[key].set_value(paddle.to_tensor(value))
 
 
-def tf_same_padding(size: int, kernel: int = 3, stride: int = 2) -> list[int]:
-    """``[left, right, top, bottom]`` padding of TensorFlow's ``SAME`` for a square input.
-
-    Example:
-        >>> tf_same_padding(28), tf_same_padding(7)
-        ([0, 1, 0, 1], [1, 1, 1, 1])
-
-    """
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return [total // 2, total - total // 2] * 2
-
-
-def use_tf_same_padding(model: Any, image_size: int = 28) -> None:
-    """Make the stride-2 Conv4's convolutions pad as TensorFlow's ``SAME`` does."""
-    import paddle  # noqa: PLC0415
-    import paddle.nn.functional as F  # noqa: PLC0415, N812
-
-    size = image_size
-    for conv in [m for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D)]:
-        pad = tf_same_padding(size, conv._kernel_size[0], conv._stride[0])
-        conv._padding = [0, 0]
-        conv._updated_padding = [0, 0]
-        conv.register_forward_pre_hook(lambda layer, inputs, pad=pad: (F.pad(inputs[0], pad),))
-        size = -(-size // conv._stride[0])
-
-
 def checkpoint_iteration(path: str) -> int | None:
     """The iteration in a checkpoint's name: cbfinn/maml saves ``model<iteration>``.
 
@@ -190,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     config, _ = build_config(
         preset="maml-omniglot-5w5s",
         network="reference",
+        conv_padding="same",
         data_root=args.data_root,
         eval_tasks=args.tasks,
         inner_steps_test=args.inner_steps_test,
     )
     learner = build_learner(config)
     load_into(learner.module, arrays)
-    use_tf_same_padding(learner.module, config.image_size)
     tasks = build_tasks(config, "test", num_tasks=config.eval_tasks)
     result = evaluate(learner, tasks, config.inner_steps_test, "classification", by_step=True)
     report: dict[str, Any] = {

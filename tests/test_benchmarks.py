@@ -26,11 +26,16 @@ def run(*args: str) -> str:
     return done.stdout
 
 
-def test_bench_learners_one_measurement_prints_a_result():
-    out = run("bench_learners.py", "--workload", "W1s", "--algo", "foanil", "--iters", "1")
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+def test_bench_learners_one_measurement_prints_a_result(padding):
+    out = run(
+        "bench_learners.py",
+        *("--workload", "W1s", "--algo", "foanil", "--iters", "1", "--conv-padding", padding),
+    )
     line = [s for s in out.splitlines() if s.startswith("RESULT ")][-1]
     result = json.loads(line[len("RESULT ") :])
     assert result["workload"] == "W1s" and result["algo"] == "foanil"
+    assert result["conv_padding"] == padding
     assert result["median_s"] > 0 and result["peak_rss_mib"] > 0
 
 

@@ -68,11 +68,22 @@ def test_maml_matches_finite_differences(name, build, inputs, steps):
     _assert_exact(report)
 
 
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_maml_with_inner_frozen_offsets_matches_finite_differences(steps):
+def test_maml_with_inner_frozen_offsets_matches_finite_differences(steps, padding):
     # cbfinn/maml's network: BatchNorm without scale, offsets trained by the outer loop
     # only; their meta-gradient includes their effect on the inner step of the others.
-    model = Conv4(1, 3, hidden=4, pooling="stride", image_size=16, norm_scale=False, init="maml")
+    # With TensorFlow's SAME padding every stride-2 layer of 16 pixels pads 0 + 1.
+    model = Conv4(
+        1,
+        3,
+        hidden=4,
+        pooling="stride",
+        image_size=16,
+        norm_scale=False,
+        init="maml",
+        padding=padding,
+    )
     x, xq = paddle.randn([6, 1, 16, 16]), paddle.randn([6, 1, 16, 16])
     y, yq = _labels(6), _labels(6)
     maml = MAML(model, lr=0.5, inner_frozen=model.batch_norm_offsets())

@@ -7,9 +7,10 @@ from typing import Literal
 import paddle
 from paddle import nn
 
-from .layers import BatchNormReLU2D
+from .layers import BatchNormReLU2D, SamePadConv2D
 
 Init = Literal["paddle", "maml"]
+Padding = Literal["symmetric", "same"]
 
 
 def _block(
@@ -19,6 +20,7 @@ def _block(
     norm_scale: bool,
     norm_epsilon: float,
     init: Init,
+    padding: Padding,
 ) -> nn.Sequential:
     stride = 2 if pooling == "stride" else 1
     conv_weight = _xavier() if init == "maml" else None
@@ -31,8 +33,15 @@ def _block(
     )
     # BatchNorm and ReLU as one layer (the same parameters and state-dict keys as
     # BatchNorm2D): on the CPU kernels one fused pass each way instead of two.
+    conv = (
+        SamePadConv2D(in_channels, out_channels, 3, stride=stride, weight_attr=conv_weight)
+        if padding == "same"
+        else nn.Conv2D(
+            in_channels, out_channels, 3, stride=stride, padding=1, weight_attr=conv_weight
+        )
+    )
     layers: list[nn.Layer] = [
-        nn.Conv2D(in_channels, out_channels, 3, stride=stride, padding=1, weight_attr=conv_weight),
+        conv,
         BatchNormReLU2D(out_channels, epsilon=norm_epsilon, weight_attr=scale),
     ]
     if pooling == "max":
@@ -75,6 +84,11 @@ class Conv4(nn.Layer):
             Xavier-uniform head) or ``"maml"`` (cbfinn/maml ``construct_conv_weights``:
             Xavier-uniform convolutions, and for ``pooling="stride"`` a standard-normal
             head). Biases start at zero either way.
+        padding: ``"symmetric"`` (1 pixel on every side) or ``"same"``, TensorFlow's
+            ``SAME`` as in cbfinn/maml (:class:`SamePadConv2D`): with stride 2 it pads
+            the odd pixel below and right only (28 -> 14: 0 above, 1 below), so it samples
+            a grid one pixel off the symmetric one. With stride 1 (``pooling="max"``)
+            the two are the same.
 
     Example:
         >>> import paddle
@@ -96,12 +110,15 @@ class Conv4(nn.Layer):
         norm_scale: bool = True,
         norm_epsilon: float = 1e-5,
         init: Init = "paddle",
+        padding: Padding = "symmetric",
     ):
         super().__init__()
         if pooling not in ("max", "stride"):
             raise ValueError(f"pooling must be 'max' or 'stride', got {pooling!r}")
         if init not in ("paddle", "maml"):
             raise ValueError(f"init must be 'paddle' or 'maml', got {init!r}")
+        if padding not in ("symmetric", "same"):
+            raise ValueError(f"padding must be 'symmetric' or 'same', got {padding!r}")
         blocks = [
             _block(
                 in_channels if i == 0 else hidden,
@@ -110,6 +127,7 @@ class Conv4(nn.Layer):
                 norm_scale,
                 norm_epsilon,
                 init,
+                padding,
             )
             for i in range(4)
         ]

@@ -1,8 +1,9 @@
-"""Layers that fuse common pairs of layers into one op (same parameters, same results)."""
+"""Layers that fuse common pairs of layers into one op, and TensorFlow-style padding."""
 
 from __future__ import annotations
 
 import paddle
+import paddle.nn.functional as F  # noqa: N812
 from paddle import nn
 
 from paddlefsl.ops import batch_norm_relu
@@ -51,3 +52,67 @@ class BatchNormReLU2D(nn.BatchNorm2D):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", then ReLU"
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """``(before, after)`` padding of TensorFlow's ``SAME`` along one axis of ``size``.
+
+    The output has ``ceil(size / stride)`` positions; an odd total goes after (below,
+    right), so a stride-2 3x3 convolution of 28 pixels pads 0 before and 1 after where
+    ``padding=1`` pads 1 on both sides (and samples a grid one pixel off).
+
+    Example:
+        >>> same_padding(28, 3, 2), same_padding(7, 3, 2), same_padding(28, 3, 1)
+        ((0, 1), (1, 1), (1, 1))
+
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SamePadConv2D(nn.Conv2D):
+    """``nn.Conv2D`` that pads as TensorFlow's ``padding="SAME"`` for its input's size.
+
+    The same parameters and state-dict keys as ``nn.Conv2D`` (``weight``, ``bias``); the
+    padding is computed from each input's height and width and applied with ``F.pad``
+    (exact to any order of differentiation), so the convolution itself runs unpadded,
+    on paddlefsl's fast kernels. Takes ``nn.Conv2D``'s arguments except ``padding``
+    (NCHW, dilation 1).
+
+    Example:
+        >>> import paddle
+        >>> conv = SamePadConv2D(1, 4, 3, stride=2)
+        >>> [list(conv(paddle.zeros([2, 1, n, n])).shape) for n in (28, 7)]
+        [[2, 4, 14, 14], [2, 4, 4, 4]]
+
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        if "padding" in kwargs or len(args) > 4:
+            raise ValueError("SamePadConv2D computes its own padding; do not pass one")
+        super().__init__(*args, padding=0, **kwargs)
+        if self._data_format != "NCHW" or list(self._dilation) != [1, 1]:
+            raise ValueError("SamePadConv2D supports NCHW inputs with dilation 1 only")
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        (kh, kw), (sh, sw) = self._kernel_size, self._stride
+        top, bottom = same_padding(x.shape[2], kh, sh)
+        left, right = same_padding(x.shape[3], kw, sw)
+        # The symmetric part goes to the convolution; only the odd pixel needs a pad op.
+        rows, cols = min(top, bottom), min(left, right)
+        if (top, bottom, left, right) != (rows, rows, cols, cols):
+            x = F.pad(x, [left - cols, right - cols, top - rows, bottom - rows])
+        return F.conv2d(
+            x,
+            self.weight,
+            self.bias,
+            stride=self._stride,
+            padding=[rows, cols],
+            dilation=self._dilation,
+            groups=self._groups,
+            data_format=self._data_format,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", TensorFlow SAME padding"

@@ -68,6 +68,7 @@ def build_model(config: TrainConfig) -> paddle.nn.Layer:
         norm_scale=not reference,
         norm_epsilon=1e-3 if reference else 1e-5,
         init="maml" if reference else "paddle",
+        padding=config.conv_padding,
     )
 
 

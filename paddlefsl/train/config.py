@@ -15,6 +15,7 @@ from .presets import DATASET_DEFAULTS, get_preset, reference_meta_grad_clip
 
 __all__ = [
     "ALGORITHMS",
+    "CONV_PADDINGS",
     "DATASETS",
     "MODEL_FIELDS",
     "NETWORKS",
@@ -31,9 +32,11 @@ ALGORITHMS = ("maml", "fomaml", "anil", "metasgd")
 DATASETS = ("omniglot", "miniimagenet", "sinusoid")
 
 #: Fields that shape the network: a warm start needs the same values.
-MODEL_FIELDS = ("dataset", "ways", "hidden", "pooling", "image_size", "network")
+MODEL_FIELDS = ("dataset", "ways", "hidden", "pooling", "image_size", "network", "conv_padding")
 #: Conv4 variants (``--network``): Paddle's defaults, or cbfinn/maml's details.
 NETWORKS = ("default", "reference")
+#: Conv4 padding (``--conv-padding``): 1 pixel on every side, or TensorFlow's SAME.
+CONV_PADDINGS = ("symmetric", "same")
 #: Meta learning-rate schedules (``--meta-lr-schedule``).
 META_LR_SCHEDULES = ("constant", "cosine")
 
@@ -110,6 +113,10 @@ class TrainConfig:
             without scale and with epsilon 1e-3, whose offsets only the outer loop
             trains (the inner loop does not adapt them), Xavier-uniform convolutions
             and, with strided convolutions, a standard-normal head.
+        conv_padding: ``"symmetric"`` (Conv4's convolutions pad 1 pixel on every side)
+            or ``"same"``: TensorFlow's ``SAME``, as cbfinn/maml pads; with stride-2
+            convolutions (Omniglot) it pads the odd pixel below and right only, so the
+            network samples a grid one pixel off (see :class:`~paddlefsl.models.Conv4`).
         omniglot_scheme: Omniglot class split, ``"maml"`` or ``"vinyals"``.
         omniglot_antialias: Resize Omniglot's 1-bit originals in greyscale (smooth
             edges, as torchvision-based loaders such as learn2learn's do) instead of
@@ -156,6 +163,7 @@ class TrainConfig:
     pooling: str = "stride"
     image_size: int = 28
     network: str = "default"
+    conv_padding: str = "symmetric"
     omniglot_scheme: str = "maml"
     omniglot_antialias: bool = False
     eval_every: int = 500
@@ -204,6 +212,7 @@ class TrainConfig:
         _choice("pooling", self.pooling, ("max", "stride"))
         _choice("omniglot_scheme", self.omniglot_scheme, ("maml", "vinyals"))
         _choice("network", self.network, NETWORKS)
+        _choice("conv_padding", self.conv_padding, CONV_PADDINGS)
         _choice("meta_lr_schedule", self.meta_lr_schedule, META_LR_SCHEDULES)
         for name in (
             "ways",
@@ -267,6 +276,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--network {self.network} describes the Conv4 of the image datasets; "
                 "drop it for --dataset sinusoid"
+            )
+        if self.dataset == "sinusoid" and self.conv_padding != "symmetric":
+            raise ConfigError(
+                f"--conv-padding {self.conv_padding} describes the Conv4 of the image "
+                "datasets; drop it for --dataset sinusoid"
             )
         if self.dataset != "sinusoid" and self.pooling == "max" and self.image_size < 16:
             raise ConfigError(

@@ -326,7 +326,7 @@ def test_eval_warns_when_the_adapted_models_diverge(capsys, tmp_path, monkeypatc
     assert "warning: the mse is not finite" in err and "--inner-steps-test" in err
 
 
-def test_omniglot_antialias_and_task_pool_flags_reach_the_config(tmp_path):
+def test_data_and_network_flags_reach_the_config(tmp_path):
     from paddlefsl.cli import _train_config, build_parser
 
     def config(*extra):
@@ -337,4 +337,6 @@ def test_omniglot_antialias_and_task_pool_flags_reach_the_config(tmp_path):
     assert config("--omniglot-antialias").omniglot_antialias is True
     assert config().omniglot_antialias is False
     assert config("--task-pool", "200000").task_pool == 200000
+    assert config("--conv-padding", "same").conv_padding == "same"
+    assert config().conv_padding == "symmetric"
     assert config().task_pool is None

@@ -1,4 +1,5 @@
 import numpy as np
+import paddle
 import pytest
 
 from paddlefsl.train import PRESETS, ConfigError, build_config
@@ -78,6 +79,8 @@ def test_dataset_defaults_without_preset():
         ({"network": "resnet"}, "--network"),
         ({"meta_lr_schedule": "step"}, "--meta-lr-schedule"),
         ({"dataset": "sinusoid", "network": "reference"}, "--network"),
+        ({"conv_padding": "valid"}, "--conv-padding"),
+        ({"dataset": "sinusoid", "conv_padding": "same"}, "--conv-padding"),
         ({"task_pool": -1}, "--task-pool"),
         ({"task_pool": 2.5}, "--task-pool"),
         ({"task_pool": True}, "--task-pool"),
@@ -179,6 +182,23 @@ def test_omniglot_antialias_is_off_by_default_and_omniglot_only():
     saved = build_config("maml-omniglot-5w5s")[0].to_dict()
     del saved["omniglot_antialias"]
     assert TrainConfig.from_dict(saved).omniglot_antialias is False
+
+
+def test_conv_padding_builds_the_network_and_is_a_model_field():
+    from paddlefsl.models import SamePadConv2D
+    from paddlefsl.train.builders import build_model
+    from paddlefsl.train.config import MODEL_FIELDS
+
+    def convs(**options):
+        model = build_model(build_config("maml-omniglot-5w5s", **options)[0])
+        return [type(m).__name__ for m in model.sublayers() if isinstance(m, paddle.nn.Conv2D)]
+
+    assert convs() == ["Conv2D"] * 4
+    assert convs(network="reference", conv_padding="same") == [SamePadConv2D.__name__] * 4
+    assert "conv_padding" in MODEL_FIELDS  # a warm start must keep it
+    saved = build_config("maml-omniglot-5w5s")[0].to_dict()
+    del saved["conv_padding"]  # a run from before the field pads as it did
+    assert TrainConfig.from_dict(saved).conv_padding == "symmetric"
 
 
 @pytest.mark.parametrize("size", [None, 0, 3])
