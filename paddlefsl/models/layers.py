@@ -76,9 +76,10 @@ class SamePadConv2D(nn.Conv2D):
 
     The same parameters and state-dict keys as ``nn.Conv2D`` (``weight``, ``bias``); the
     padding is computed from each input's height and width and applied with ``F.pad``
-    (exact to any order of differentiation), so the convolution itself runs unpadded,
-    on paddlefsl's fast kernels. Takes ``nn.Conv2D``'s arguments except ``padding``
-    (NCHW, dilation 1).
+    (exact to any order of differentiation) where it is not symmetric, so the
+    convolution itself runs on paddlefsl's fast kernels. Paddle's pad kernels are slow:
+    MAML's strided Omniglot Conv4 takes about 1.3 times as long per meta-iteration with
+    this layer. Takes ``nn.Conv2D``'s arguments except ``padding`` (NCHW, dilation 1).
 
     Example:
         >>> import paddle
@@ -102,7 +103,8 @@ class SamePadConv2D(nn.Conv2D):
         # The symmetric part goes to the convolution; only the odd pixel needs a pad op.
         rows, cols = min(top, bottom), min(left, right)
         if (top, bottom, left, right) != (rows, rows, cols, cols):
-            x = F.pad(x, [left - cols, right - cols, top - rows, bottom - rows])
+            # Every axis given: Paddle's general pad kernel, about 4x faster than pad3d.
+            x = F.pad(x, [0, 0, 0, 0, top - rows, bottom - rows, left - cols, right - cols])
         return F.conv2d(
             x,
             self.weight,
