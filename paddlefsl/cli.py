@@ -46,7 +46,14 @@ def _fail(prog: str, message: Any, code: int = 2) -> NoReturn:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .train.config import ALGORITHMS, CONV_PADDINGS, DATASETS, META_LR_SCHEDULES, NETWORKS
+    from .train.config import (
+        ALGORITHMS,
+        CONV_PADDINGS,
+        DATASETS,
+        META_LR_SCHEDULES,
+        NETWORKS,
+        OMNIGLOT_ROTATIONS,
+    )
     from .train.presets import PRESETS
 
     s = argparse.SUPPRESS  # unset options stay absent, so the preset can fill them
@@ -165,6 +172,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default=s,
         help="resize Omniglot in greyscale (smooth edges, as torchvision loaders do) "
         "instead of cbfinn/maml's binary nearest-neighbour images",
+    )
+    group.add_argument(
+        "--omniglot-rotations",
+        choices=OMNIGLOT_ROTATIONS,
+        default=s,
+        help="classes: rotations are extra classes (default); per-task: training tasks "
+        "turn each character by its own random multiple of 90 degrees (cbfinn/maml)",
     )
     group = p.add_argument_group("run")
     group.add_argument(

@@ -23,12 +23,12 @@ from .sampler import (
     MetaBatchLoader,
     Task,
     TaskBatch,
-    TaskPool,
     TaskSampler,
     TaskSource,
     fixed_tasks,
 )
 from .sinusoid import SinusoidTasks
+from .task_sources import RandomClassRotation, TaskPool
 
 __all__ = [
     "DEFAULT_EVAL_SEED",
@@ -43,6 +43,7 @@ __all__ = [
     "MetaBatchLoader",
     "MiniImageNet",
     "Omniglot",
+    "RandomClassRotation",
     "RemoteFile",
     "SinusoidTasks",
     "Task",

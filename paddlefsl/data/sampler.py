@@ -27,7 +27,6 @@ __all__ = [
     "MetaBatchLoader",
     "Task",
     "TaskBatch",
-    "TaskPool",
     "TaskSampler",
     "TaskSource",
     "fixed_tasks",
@@ -468,48 +467,6 @@ class FixedTasks(Sequence[Task]):
         count = -(-self.num_tasks // size)
         for batch in _prefetch_map(load, range(count), num_workers, prefetch):
             yield batch if return_numpy else batch.to_tensors()
-
-
-class TaskPool:
-    """A task source that cycles through the first ``size`` tasks of another.
-
-    ``pool.sample(i)`` is ``source.sample(i % size)``: training sees the same ``size``
-    tasks over and over, in the same order, instead of a fresh task every time. This is
-    how cbfinn/maml trains (a list of 200,000 tasks drawn once, read in order) and what
-    learn2learn's ``TaskDataset(num_tasks=...)`` does; with a fresh stream (the default
-    of ``paddlefsl train``) no task repeats. The returned task's ``index`` is its place
-    in the pool.
-
-    Args:
-        source: A task source with ``sample(index) -> Task``, e.g. :class:`TaskSampler`.
-        size: Number of distinct tasks in the pool, at least 1.
-
-    Raises:
-        ValueError: If ``size`` is not a positive integer.
-
-    Example:
-        >>> import numpy as np
-        >>> data = (np.zeros((50, 4, 4), np.uint8), np.repeat(np.arange(10), 5))
-        >>> pool = TaskPool(TaskSampler(data, 5, 1, 1, seed=3), size=4)
-        >>> [pool.sample(i).index for i in range(6)]
-        [0, 1, 2, 3, 0, 1]
-        >>> bool((pool.sample(5).classes == pool.sample(1).classes).all())
-        True
-
-    """
-
-    def __init__(self, source: TaskSource, size: int) -> None:
-        self.source = source
-        self.size = _positive_int("size", size)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def sample(self, index: int) -> Task:
-        """Return task ``index % size`` of the source."""
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-            raise ValueError(f"task index must be an integer >= 0, got {index!r}.")
-        return self.source.sample(int(index) % self.size)
 
 
 def fixed_tasks(

@@ -7,7 +7,14 @@ from typing import Any
 
 import paddle
 
-from ..data import DEFAULT_EVAL_SEED, FixedTasks, SinusoidTasks, TaskPool, TaskSampler
+from ..data import (
+    DEFAULT_EVAL_SEED,
+    FixedTasks,
+    RandomClassRotation,
+    SinusoidTasks,
+    TaskPool,
+    TaskSampler,
+)
 from ..metaopt import ANIL, MAML, BaseLearner, MetaSGD
 from ..models import MLP, Conv4
 from .config import TrainConfig
@@ -120,8 +127,11 @@ def _require_root(config: TrainConfig) -> Path:
     return root
 
 
-def build_dataset(config: TrainConfig, split: str) -> Any:
+def build_dataset(config: TrainConfig, split: str, rotations: bool = True) -> Any:
     """The class dataset of one split (``train``, ``val`` or ``test``) of an image dataset.
+
+    ``rotations=False`` leaves out Omniglot's rotated classes (for
+    ``omniglot_rotations="per-task"``, which turns the training tasks instead).
 
     Raises:
         ConfigError: ``data_root`` missing or not a folder.
@@ -137,7 +147,7 @@ def build_dataset(config: TrainConfig, split: str) -> Any:
             split=split,
             scheme=config.omniglot_scheme,
             image_size=config.image_size,
-            rotations=True,
+            rotations=rotations,
             antialias=config.omniglot_antialias,
         )
     if config.dataset == "miniimagenet":
@@ -153,7 +163,9 @@ def build_tasks(
     """A task source for ``split``; with ``num_tasks``, a fixed seeded list of tasks.
 
     Training tasks are seeded with ``config.seed``; fixed evaluation tasks with
-    :func:`eval_seed`, so they are the same for every run and every model.
+    :func:`eval_seed`, so they are the same for every run and every model. The training
+    stream (no ``num_tasks``) applies ``config.task_pool`` and
+    ``config.omniglot_rotations``; fixed tasks are the standard ones whatever they say.
 
     Example:
         >>> from paddlefsl.train.config import build_config
@@ -164,13 +176,18 @@ def build_tasks(
     """
     if seed is None:
         seed = config.seed if num_tasks is None else eval_seed(split)
+    turn_tasks = num_tasks is None and config.omniglot_rotations == "per-task"
     if config.dataset == "sinusoid":
         source: Any = SinusoidTasks(shots=config.shots, queries=config.queries, seed=seed)
     else:
-        source = TaskSampler(
-            build_dataset(config, split), config.ways, config.shots, config.queries, seed=seed
-        )
-    return source if num_tasks is None else FixedTasks(source, num_tasks)
+        dataset = build_dataset(config, split, rotations=not turn_tasks)
+        source = TaskSampler(dataset, config.ways, config.shots, config.queries, seed=seed)
+    if num_tasks is not None:
+        return FixedTasks(source, num_tasks)
+    if config.task_pool:
+        source = TaskPool(source, config.task_pool)
+    # After the pool: a pool's characters come back, turned afresh (cbfinn/maml).
+    return RandomClassRotation(source, seed=seed) if turn_tasks else source
 
 
 def build_trainer(
@@ -185,8 +202,6 @@ def build_trainer(
     learner = build_learner(config) if learner is None else learner
     optimizer = build_optimizer(config, learner)
     train_tasks = build_tasks(config, "train")
-    if config.task_pool:
-        train_tasks = TaskPool(train_tasks, config.task_pool)
     val_tasks = build_tasks(config, "val", num_tasks=config.val_tasks) if config.val_tasks else None
     return MetaTrainer(
         learner,

@@ -19,6 +19,7 @@ __all__ = [
     "DATASETS",
     "MODEL_FIELDS",
     "NETWORKS",
+    "OMNIGLOT_ROTATIONS",
     "RUNTIME_FIELDS",
     "TrainConfig",
     "build_config",
@@ -37,6 +38,8 @@ MODEL_FIELDS = ("dataset", "ways", "hidden", "pooling", "image_size", "network",
 NETWORKS = ("default", "reference")
 #: Conv4 padding (``--conv-padding``): 1 pixel on every side, or TensorFlow's SAME.
 CONV_PADDINGS = ("symmetric", "same")
+#: How Omniglot's rotations enter training (``--omniglot-rotations``).
+OMNIGLOT_ROTATIONS = ("classes", "per-task")
 #: Meta learning-rate schedules (``--meta-lr-schedule``).
 META_LR_SCHEDULES = ("constant", "cosine")
 
@@ -121,6 +124,12 @@ class TrainConfig:
         omniglot_antialias: Resize Omniglot's 1-bit originals in greyscale (smooth
             edges, as torchvision-based loaders such as learn2learn's do) instead of
             cbfinn/maml's binary nearest-neighbour images (see :class:`~paddlefsl.data.Omniglot`).
+        omniglot_rotations: ``"classes"``: each character's 90/180/270-degree rotations
+            are classes of their own (4 x 1,100 training classes; a task can hold one
+            character twice); ``"per-task"``: training tasks draw distinct characters
+            and turn each by its own random multiple of 90 degrees, drawn afresh for
+            every task (cbfinn/maml; :class:`~paddlefsl.data.RandomClassRotation`).
+            Validation and ``paddlefsl eval`` use the standard tasks either way.
         eval_every: Validate every N iterations (0: only at the end).
         checkpoint_every: Save the ``last`` checkpoint every N iterations (0: at the end).
         log_every: Write a training row to ``metrics.jsonl`` every N iterations.
@@ -166,6 +175,7 @@ class TrainConfig:
     conv_padding: str = "symmetric"
     omniglot_scheme: str = "maml"
     omniglot_antialias: bool = False
+    omniglot_rotations: str = "classes"
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 10
@@ -213,6 +223,12 @@ class TrainConfig:
         _choice("omniglot_scheme", self.omniglot_scheme, ("maml", "vinyals"))
         _choice("network", self.network, NETWORKS)
         _choice("conv_padding", self.conv_padding, CONV_PADDINGS)
+        _choice("omniglot_rotations", self.omniglot_rotations, OMNIGLOT_ROTATIONS)
+        if self.omniglot_rotations != "classes" and self.dataset != "omniglot":
+            raise ConfigError(
+                f"--omniglot-rotations applies to --dataset omniglot only (got "
+                f"{self.dataset}); drop it"
+            )
         _choice("meta_lr_schedule", self.meta_lr_schedule, META_LR_SCHEDULES)
         for name in (
             "ways",

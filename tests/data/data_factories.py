@@ -9,6 +9,7 @@ import pickle
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -190,3 +191,13 @@ def index_dataset() -> tuple[np.ndarray, np.ndarray]:
         np.arange(len(labels), dtype=np.float32)[:, None, None], (len(labels), 3, 3)
     ).copy()
     return images, labels
+
+
+def example_ids(x: np.ndarray) -> np.ndarray:
+    """Recover the dataset index from the index-encoding images of ``index_dataset``."""
+    return x.reshape(len(x), -1)[:, 0].astype(np.int64)
+
+
+def assert_same_task(a: Any, b: Any) -> None:
+    for name in ("support_x", "support_y", "query_x", "query_y", "classes"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)

@@ -5,6 +5,7 @@ import threading
 import numpy as np
 import paddle
 import pytest
+from data_factories import assert_same_task, example_ids
 
 from paddlefsl.data import (
     ClassDataset,
@@ -15,20 +16,9 @@ from paddlefsl.data import (
     Task,
     TaskBatch,
     TaskConfigError,
-    TaskPool,
     TaskSampler,
     fixed_tasks,
 )
-
-
-def example_ids(x: np.ndarray) -> np.ndarray:
-    """Recover the dataset index from the index-encoding images of ``index_dataset``."""
-    return x.reshape(len(x), -1)[:, 0].astype(np.int64)
-
-
-def assert_same_task(a: Task, b: Task) -> None:
-    for name in ("support_x", "support_y", "query_x", "query_y", "classes"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
 def test_labels_remapped_exactly(index_dataset):
@@ -192,38 +182,6 @@ def test_fixed_tasks_are_identical_and_lazy(index_dataset):
     assert [len(b) for b in batches] == [4, 4, 2]
     assert np.concatenate([b.indices for b in batches]).tolist() == list(range(10))
     np.testing.assert_array_equal(batches[2].query_x[1].numpy(), small[9].query_x)
-
-
-def test_task_pool_cycles_through_the_sources_first_tasks(index_dataset):
-    source = TaskSampler(index_dataset, 5, 1, 2, seed=9)
-    pool = TaskPool(source, size=3)
-    assert len(pool) == 3
-    for i in range(8):
-        task = pool.sample(i)
-        assert task.index == i % 3
-        assert_same_task(task, source.sample(i % 3))
-    # The pool's tasks are distinct: only the cycle repeats them.
-    ids = [tuple(example_ids(pool.sample(i).support_x)) for i in range(3)]
-    assert len(set(ids)) == 3
-    # Meta-batches of a pool of two batches come round every second batch.
-    loader = MetaBatchLoader(TaskPool(source, 4), 2, num_batches=5, return_numpy=True)
-    batches = list(loader)
-    np.testing.assert_array_equal(batches[0].support_x, batches[2].support_x)
-    np.testing.assert_array_equal(batches[1].query_x, batches[3].query_x)
-    assert not np.array_equal(batches[0].support_x, batches[1].support_x)
-    assert batches[4].indices.tolist() == [0, 1]  # tasks 8 and 9 are the pool's 0 and 1
-
-
-@pytest.mark.parametrize("size", [0, -2, 1.5, True, None])
-def test_task_pool_rejects_a_bad_size(index_dataset, size):
-    with pytest.raises(ValueError, match="size must be an integer >= 1"):
-        TaskPool(TaskSampler(index_dataset, 5, 1, 2), size)
-
-
-@pytest.mark.parametrize("index", [-1, 2.0, "3"])
-def test_task_pool_rejects_a_bad_index(index_dataset, index):
-    with pytest.raises(ValueError, match="task index must be an integer >= 0"):
-        TaskPool(TaskSampler(index_dataset, 5, 1, 2), 4).sample(index)
 
 
 def test_paddle_dataset_adapter():

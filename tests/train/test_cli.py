@@ -338,5 +338,7 @@ def test_data_and_network_flags_reach_the_config(tmp_path):
     assert config().omniglot_antialias is False
     assert config("--task-pool", "200000").task_pool == 200000
     assert config("--conv-padding", "same").conv_padding == "same"
+    assert config("--omniglot-rotations", "per-task").omniglot_rotations == "per-task"
+    assert config().omniglot_rotations == "classes"
     assert config().conv_padding == "symmetric"
     assert config().task_pool is None

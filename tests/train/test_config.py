@@ -81,6 +81,8 @@ def test_dataset_defaults_without_preset():
         ({"dataset": "sinusoid", "network": "reference"}, "--network"),
         ({"conv_padding": "valid"}, "--conv-padding"),
         ({"dataset": "sinusoid", "conv_padding": "same"}, "--conv-padding"),
+        ({"omniglot_rotations": "random"}, "--omniglot-rotations"),
+        ({"dataset": "miniimagenet", "omniglot_rotations": "per-task"}, "--omniglot-rotations"),
         ({"task_pool": -1}, "--task-pool"),
         ({"task_pool": 2.5}, "--task-pool"),
         ({"task_pool": True}, "--task-pool"),
@@ -221,6 +223,40 @@ def test_task_pool_wraps_the_training_tasks_only(tmp_path, size):
     saved = cfg.to_dict()
     del saved["task_pool"]
     assert TrainConfig.from_dict(saved).task_pool is None
+
+
+@pytest.mark.parametrize("pool", [None, 6])
+@pytest.mark.parametrize("rotations", ["classes", "per-task"])
+def test_omniglot_rotations_turn_the_training_stream_only(monkeypatch, tmp_path, rotations, pool):
+    import paddlefsl.data
+    from paddlefsl.data import FixedTasks, RandomClassRotation, TaskPool
+    from paddlefsl.train.builders import build_tasks
+
+    seen = []
+
+    def omniglot(root, **kwargs):
+        seen.append((kwargs["split"], kwargs["rotations"]))
+        images = np.random.default_rng(0).integers(0, 255, (60, 4, 4)).astype(np.uint8)
+        return images, np.repeat(np.arange(12), 5)
+
+    monkeypatch.setattr(paddlefsl.data, "Omniglot", omniglot)
+    cfg, _ = build_config(
+        "maml-omniglot-5w1s",
+        omniglot_rotations=rotations,
+        task_pool=pool,
+        data_root=str(tmp_path),
+    )
+    train = build_tasks(cfg, "train")
+    per_task = rotations == "per-task"
+    assert seen == [("train", not per_task)]
+    assert isinstance(train, RandomClassRotation) is per_task
+    inner = train.source if per_task else train
+    assert isinstance(inner, TaskPool) is bool(pool)
+    if per_task:
+        assert len(train.sample(3).info["quarter_turns"]) == 5
+    # Validation and test tasks are the standard ones: rotations as classes.
+    val = build_tasks(cfg, "val", num_tasks=4)
+    assert isinstance(val, FixedTasks) and seen[-1] == ("val", True)
 
 
 @pytest.mark.parametrize("flag", [False, True])
