@@ -105,15 +105,21 @@ class SamePadConv2D(nn.Conv2D):
         if (top, bottom, left, right) != (rows, rows, cols, cols):
             # Every axis given: Paddle's general pad kernel, about 4x faster than pad3d.
             x = F.pad(x, [0, 0, 0, 0, top - rows, bottom - rows, left - cols, right - cols])
-        return F.conv2d(
+        # As nn.Conv2D.forward calls it (F.conv2d adds the bias separately in eager mode):
+        # paddlefsl's conv ops fold the bias into the convolution on this path.
+        return F.conv._conv_nd(
             x,
             self.weight,
-            self.bias,
+            bias=self.bias,
             stride=self._stride,
             padding=[rows, cols],
+            padding_algorithm="EXPLICIT",
             dilation=self._dilation,
             groups=self._groups,
             data_format=self._data_format,
+            channel_dim=self._channel_dim,
+            op_type=self._op_type,
+            use_cudnn=self._use_cudnn,
         )
 
     def extra_repr(self) -> str:
