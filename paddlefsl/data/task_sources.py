@@ -35,10 +35,10 @@ class TaskPool:
 
     ``pool.sample(i)`` is ``source.sample(i % size)``: training sees the same ``size``
     tasks over and over, in the same order, instead of a fresh task every time. This is
-    how cbfinn/maml trains (a list of 200,000 tasks drawn once, read in order) and what
-    learn2learn's ``TaskDataset(num_tasks=...)`` does; with a fresh stream (the default
-    of ``paddlefsl train``) no task repeats. The returned task's ``index`` is its place
-    in the pool.
+    how cbfinn/maml trains (a list of 200,000 tasks drawn once, read in order);
+    learn2learn's ``TaskDataset(num_tasks=...)`` also fixes a pool, but draws from it at
+    random. With a fresh stream (the default of ``paddlefsl train``) no task repeats.
+    The returned task's ``index`` is its place in the pool.
 
     Args:
         source: A task source with ``sample(index) -> Task``, e.g. :class:`TaskSampler`.
