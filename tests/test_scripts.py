@@ -322,3 +322,49 @@ def test_cbfinn_checkpoint_names_and_errors(tmp_path):
     model = build_model(build_config(preset="maml-omniglot-5w5s", network="reference")[0])
     with pytest.raises(SystemExit, match="head.weight.*5-way"):
         script.load_into(model, arrays)
+
+
+def _metagradient_script():
+    path = ROOT / "scripts/cbfinn_metagradient.py"
+    spec = importlib.util.spec_from_file_location("cbfinn_metagradient", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cbfinn_metagradient_comparison_converts_scale_and_layout(tmp_path):
+    import numpy as np
+
+    script = _metagradient_script()
+    arrays = _random_cbfinn_arrays()
+    rng = np.random.default_rng(3)
+    tasks = {
+        "support_x": (rng.random((2, 25, 1, 28, 28)) > 0.8).astype(np.float32),
+        "support_y": np.tile(np.repeat(np.arange(5), 5), (2, 1)),
+        "query_x": (rng.random((2, 25, 1, 28, 28)) > 0.8).astype(np.float32),
+        "query_y": np.tile(np.repeat(np.arange(5), 5), (2, 1)),
+    }
+    # A float64 run of paddlefsl stands in for TensorFlow: stored as cbfinn/maml stores it.
+    exact, loss = script.paddle_metagradient(arrays, tasks, "same", "float64")
+    as_cbfinn = script.cbfinn_layout(exact)
+    assert set(as_cbfinn) == set(script.TF_NAMES)
+    assert as_cbfinn["conv2"].shape == arrays["conv2"].shape
+    stored = {k: v * script.LOSS_SCALE for k, v in as_cbfinn.items()}
+    np.savez(tmp_path / "reference.npz", loss=loss * script.LOSS_SCALE, **stored)
+    np.savez(tmp_path / "weights.npz", **arrays)
+    np.savez(tmp_path / "tasks.npz", **tasks)
+
+    single, _ = script.paddle_metagradient(arrays, tasks, "same", "float32")
+    rows, worst = script.compare(single, stored)
+    assert worst < 1e-4 and len(rows) == 14
+    # The conv biases right before BatchNorm have a zero gradient: not counted.
+    assert {key for key, _, _, counted in rows if not counted} == {
+        f"features.{i}.0.bias" for i in range(4)
+    }
+    shifted, _ = script.paddle_metagradient(arrays, tasks, "symmetric", "float32")
+    assert script.compare(shifted, stored)[1] > 1e-2
+
+    argv = ["compare", "--weights", str(tmp_path / "weights.npz"), "--tasks"]
+    argv += [str(tmp_path / "tasks.npz"), "--reference", str(tmp_path / "reference.npz")]
+    assert script.main(argv) == 0
+    assert script.main([*argv, "--conv-padding", "symmetric"]) == 1
