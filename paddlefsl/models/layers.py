@@ -78,7 +78,7 @@ class SamePadConv2D(nn.Conv2D):
     padding is computed from each input's height and width and applied with ``F.pad``
     (exact to any order of differentiation) where it is not symmetric, so the
     convolution itself runs on paddlefsl's fast kernels. Paddle's pad kernels are slow:
-    MAML's strided Omniglot Conv4 takes about 1.3 times as long per meta-iteration with
+    MAML's strided Omniglot Conv4 takes about 1.1 times as long per meta-iteration with
     this layer. Takes ``nn.Conv2D``'s arguments except ``padding`` (NCHW, dilation 1).
 
     Example:
