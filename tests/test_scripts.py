@@ -223,12 +223,16 @@ def test_eval_character_subsets_keeps_only_the_chosen_characters():
 
 
 # ------------------------------------------------------------- eval_cbfinn_checkpoint.py
-def _cbfinn_script():
-    path = ROOT / "scripts/eval_cbfinn_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("eval_cbfinn_checkpoint", path)
+def _script(name: str):
+    path = ROOT / f"scripts/{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _cbfinn_script():
+    return _script("eval_cbfinn_checkpoint")
 
 
 def _tf_conv_same(x, w, stride=2):
@@ -324,18 +328,10 @@ def test_cbfinn_checkpoint_names_and_errors(tmp_path):
         script.load_into(model, arrays)
 
 
-def _metagradient_script():
-    path = ROOT / "scripts/cbfinn_metagradient.py"
-    spec = importlib.util.spec_from_file_location("cbfinn_metagradient", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cbfinn_metagradient_comparison_converts_scale_and_layout(tmp_path):
     import numpy as np
 
-    script = _metagradient_script()
+    script = _script("cbfinn_metagradient")
     arrays = _random_cbfinn_arrays()
     rng = np.random.default_rng(3)
     tasks = {
