@@ -301,7 +301,7 @@ class TaskSampler:
         return self.tasks()
 
 
-def _load_tasks(source: TaskSource, indices: range) -> TaskBatch:
+def _load_tasks(source: TaskSource, indices: Sequence[int]) -> TaskBatch:
     """Numpy batch of tasks ``indices``, through ``sample_batch`` when the source has it."""
     sample_batch = getattr(source, "sample_batch", None)
     if sample_batch is not None:

@@ -11,23 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
-from .sampler import Task, TaskSource, _positive_int
+from .sampler import Task, TaskBatch, TaskSource, _load_tasks, _positive_int
 
 __all__ = ["RandomClassRotation", "TaskPool"]
 
 #: Mixed into the rotation generator's seed, so that its stream differs from the
 #: sampler's (which is seeded with ``[seed, index]`` alone).
 _ROTATION_STREAM = 0x0717
-
-
-def _task_index(index: Any) -> int:
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-        raise ValueError(f"task index must be an integer >= 0, got {index!r}.")
-    return int(index)
 
 
 class TaskPool:
@@ -68,7 +61,13 @@ class TaskPool:
 
     def sample(self, index: int) -> Task:
         """Return task ``index % size`` of the source."""
-        return self.source.sample(_task_index(index) % self.size)
+        return self.source.sample(_positive_int("task index", index, minimum=0) % self.size)
+
+    def sample_batch(self, indices: Sequence[int]) -> TaskBatch:
+        """Tasks ``indices`` as one numpy batch, through the source's ``sample_batch`` if any."""
+        return _load_tasks(
+            self.source, [_positive_int("task index", i, minimum=0) % self.size for i in indices]
+        )
 
 
 class RandomClassRotation:
@@ -118,7 +117,7 @@ class RandomClassRotation:
 
     def sample(self, index: int) -> Task:
         """Task ``index`` of the source, each class turned by its own random angle."""
-        index = _task_index(index)
+        index = _positive_int("task index", index, minimum=0)
         task = self.source.sample(index)
         ways = int(max(task.support_y.max(initial=-1), task.query_y.max(initial=-1))) + 1
         rng = np.random.default_rng([self.seed, index, _ROTATION_STREAM])

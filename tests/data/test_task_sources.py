@@ -27,6 +27,10 @@ def test_task_pool_cycles_through_the_sources_first_tasks(index_dataset):
     np.testing.assert_array_equal(batches[1].query_x, batches[3].query_x)
     assert not np.array_equal(batches[0].support_x, batches[1].support_x)
     assert batches[4].indices.tolist() == [0, 1]  # tasks 8 and 9 are the pool's 0 and 1
+    # The loader gathers a pool's batch in one go (the sampler's sample_batch): same tasks.
+    for j, task in enumerate(TaskPool(source, 4).sample(i) for i in (8, 9)):
+        np.testing.assert_array_equal(batches[4].support_x[j], task.support_x)
+        np.testing.assert_array_equal(batches[4].query_y[j], task.query_y)
 
 
 @pytest.mark.parametrize("size", [0, -2, 1.5, True, None])
