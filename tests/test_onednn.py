@@ -129,6 +129,45 @@ def test_few_channel_forwards_and_filter_gradients_match_paddle(
     close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
 
 
+# [top, bottom, left, right]: TensorFlow's SAME padding of strided 3x3 convolutions pads
+# one pixel more after than before, on oneDNN's kernels (64 channels) and on the unfolded
+# products (1 channel); and an arbitrary uneven padding of a 5x5 window.
+ASYMMETRIC_CASES = [
+    ((5, 64, 14, 14), 64, 3, 2, [0, 1, 0, 1]),
+    ((3, 1, 28, 28), 64, 3, 2, [0, 1, 0, 1]),
+    ((2, 16, 9, 11), 8, 5, 1, [2, 1, 0, 3]),
+    ((2, 2, 9, 11), 8, 5, 2, [2, 1, 0, 3]),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, out_channels, k, stride, padding", ASYMMETRIC_CASES)
+def test_asymmetric_padding_matches_paddle(ops, shape, out_channels, k, stride, padding, threads):
+    x = paddle.randn(shape)
+    w = paddle.randn([out_channels, shape[1], k, k]) * 0.1
+    b = paddle.randn([out_channels])
+    y, dy, dx, dw = reference(x, w, stride, padding)
+    what = f"{shape} -> {out_channels}, k{k} s{stride} p{padding}, {threads} thread(s)"
+    close(ops.conv2d_forward(x, w, stride, padding, threads=threads), y, "forward " + what)
+    got = ops.conv2d_forward_bias(x, w, b, stride, padding, threads=threads)
+    close(got, y + b.reshape([1, -1, 1, 1]), "forward_bias " + what)
+    got = ops.conv2d_backward_data(dy, w, stride, padding, shape[2:], threads=threads)
+    close(got, dx, "backward_data " + what)
+    got = ops.conv2d_backward_weight(x, dy, stride, padding, [k, k], threads)
+    close(got, dw, "backward_weight " + what)
+    got_dw, got_db = ops.conv2d_backward_weight_bias(x, dy, stride, padding, [k, k], threads)
+    close(got_dw, dw, "backward_weight_bias (dw) " + what)
+    close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
+
+
+def test_bad_paddings_are_named(ops):
+    x, w = paddle.randn([1, 4, 6, 6]), paddle.randn([8, 4, 3, 3])
+    with pytest.raises(ValueError, match=r"\[top, bottom, left, right\]"):
+        ops.conv2d_forward(x, w, 1, [1, 1, 1])
+    with pytest.raises(RuntimeError, match="paddings must be >= 0"):
+        ops.conv2d_forward(x, w, 1, [1, -1, 1, 1])
+
+
 _IMPLEMENTATIONS = textwrap.dedent(
     """
     import paddle
@@ -138,7 +177,7 @@ _IMPLEMENTATIONS = textwrap.dedent(
         x, w = paddle.randn(shape), paddle.randn([out_channels, shape[1], k, k])
         y = onednn.conv2d_forward(x, w, stride, padding)
         onednn.conv2d_backward_data(y, w, stride, padding, shape[2:])
-        onednn.conv2d_backward_weight(x, y, [stride] * 2, [padding] * 2, [k, k])
+        onednn.conv2d_backward_weight(x, y, stride, padding, [k, k])
     """
 )
 
@@ -146,7 +185,8 @@ _IMPLEMENTATIONS = textwrap.dedent(
 def test_no_convolution_runs_on_the_reference_kernels(ops):
     # oneDNN's naive "ref" kernels accept any layout and are 100x slower; the input
     # gradient of a 1- or 3-channel NCHW input once landed on them.
-    script = f"CASES = {CASES!r}\n" + _IMPLEMENTATIONS
+    cases = CASES + ASYMMETRIC_CASES
+    script = f"CASES = {cases!r}\n" + _IMPLEMENTATIONS
     done = subprocess.run(
         [sys.executable, "-c", script],
         env=dict(os.environ, ONEDNN_VERBOSE="1"),
@@ -156,7 +196,7 @@ def test_no_convolution_runs_on_the_reference_kernels(ops):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     runs = [line for line in done.stdout.splitlines() if ",exec,cpu,convolution," in line]
-    assert len(runs) >= len(CASES) * 2, done.stdout[-2000:]
+    assert len(runs) >= len(cases) * 2, done.stdout[-2000:]
     slow = [line for line in runs if ",ref:" in line]
     assert not slow, "\n".join(slow)
 

@@ -2,9 +2,14 @@
 
 import numpy as np
 import paddle
+import paddle.nn.functional as F  # noqa: N812
 import pytest
 
+from paddlefsl import ops
+from paddlefsl.functional import functional_call
 from paddlefsl.models import Conv4, SamePadConv2D, same_padding
+from paddlefsl.ops import conv as conv_ops
+from paddlefsl.ops.conv_graph import NATIVE_KERNELS
 
 
 @pytest.mark.parametrize(
@@ -68,3 +73,46 @@ def test_conv4_same_padding_differs_only_with_strided_convolutions():
         assert (gap > 1e-3) if differs else (gap == 0.0), (pooling, gap)
     with pytest.raises(ValueError, match="padding must be 'symmetric' or 'same'"):
         Conv4(1, 5, padding="valid")
+
+
+class _Recording:
+    """NATIVE_KERNELS, noting the geometry of every forward it runs."""
+
+    def __init__(self):
+        self.geometries = []
+
+    def __getattr__(self, name):
+        return getattr(NATIVE_KERNELS, name)
+
+    def forward_bias(self, x, w, b, geo, keep=False):
+        self.geometries.append(geo)
+        return NATIVE_KERNELS.forward_bias(x, w, b, geo, keep)
+
+
+def test_uneven_padding_runs_on_the_fast_path_exact_to_second_order(monkeypatch):
+    """The convolution takes [top, bottom, left, right] itself (no pad op), and its
+    second-order gradients equal those of an explicit F.pad before the convolution."""
+    ops.install()  # what every learner does: the conv ops take paddlefsl's path
+    kernels = _Recording()
+    monkeypatch.setattr(conv_ops, "FAST_DTYPES", (paddle.float32, paddle.float64))
+    monkeypatch.setattr(conv_ops, "_FAST", [kernels])
+    paddle.seed(1)
+    layer = SamePadConv2D(2, 3, 3, stride=2)
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((4, 2, 8, 8))
+    w0, b0 = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3)
+    results = []
+    for explicit_pad in (False, True):
+        x = paddle.to_tensor(x0, stop_gradient=False)
+        w = paddle.to_tensor(w0, stop_gradient=False)
+        b = paddle.to_tensor(b0, stop_gradient=False)
+        if explicit_pad:
+            y = F.conv2d(F.pad(x, [0, 0, 0, 0, 0, 1, 0, 1]), w, b, stride=2)
+        else:
+            y = functional_call(layer, {"weight": w, "bias": b}, x)
+        gx, gw, gb = paddle.grad((y * y * y).sum(), [x, w, b], create_graph=True)
+        second = paddle.grad((gw * gw).sum() + (gx * gx).sum() + (gb * gb).sum(), [x, w, b])
+        results.append([t.numpy() for t in (y, gx, gw, gb, *second)])
+    assert [g.paddings for g in kernels.geometries] == [(0, 1, 0, 1)]
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)

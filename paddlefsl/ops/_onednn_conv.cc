@@ -22,7 +22,9 @@
 // an image network's first layer) are products of matrices on oneDNN's sgemm instead of
 // its convolution kernels (see gemm_filter_gradient_applies and gemm_forward).
 //
-// strides = {sh, sw}; paddings = {ph, pw}, applied on both sides; threads >= 1 is the
+// strides = {sh, sw}; paddings = {ph, pw}, applied on both sides, or {top, bottom, left,
+// right} (TensorFlow's SAME padding of a strided convolution pads one pixel more after
+// than before); threads >= 1 is the
 // OpenMP team size for this call only (the caller's setting is restored afterwards, so
 // Paddle's own kernels keep their thread count).
 //
@@ -132,7 +134,8 @@ class ThreadGuard {
 
 // Geometry of one convolution: x [n, c, h, w], w [o, c, kh, kw], y [n, o, oh, ow].
 struct Geometry {
-  int64_t n, c, h, w, o, kh, kw, oh, ow, sh, sw, ph, pw;
+  int64_t n, c, h, w, o, kh, kw, oh, ow, sh, sw;
+  int64_t pt, pb, pl, pr;  // padding above, below, left and right of the input
 };
 
 // Filter gradients with few input channels (an image network's first layer) run as
@@ -148,8 +151,8 @@ bool gemm_filter_gradient_applies(const Geometry& g) {
   return g.c * g.kh * g.kw <= kGemmFilterGradientMaxK;
 }
 
-int64_t out_size(int64_t in, int64_t k, int64_t s, int64_t p) {
-  return (in + 2 * p - k) / s + 1;
+int64_t out_size(int64_t in, int64_t k, int64_t s, int64_t before, int64_t after) {
+  return (in + before + after - k) / s + 1;
 }
 
 void check_pair(const char* op, const char* name, const std::vector<int>& v,
@@ -176,7 +179,10 @@ Geometry make_geometry(const char* op, const std::vector<int64_t>& xs,
                        const std::vector<int64_t>& ws, const std::vector<int>& strides,
                        const std::vector<int>& paddings) {
   check_pair(op, "strides", strides, 1);
-  check_pair(op, "paddings", paddings, 0);
+  PD_CHECK(paddings.size() == 2 || paddings.size() == 4, op,
+           ": paddings must have 2 values (both sides) or 4 (top, bottom, left, right), got ",
+           paddings.size());
+  for (int p : paddings) PD_CHECK(p >= 0, op, ": paddings must be >= 0, got ", p);
   Geometry g{};
   g.n = xs[0];
   g.c = xs[1];
@@ -187,17 +193,24 @@ Geometry make_geometry(const char* op, const std::vector<int64_t>& xs,
   g.kw = ws[3];
   g.sh = strides[0];
   g.sw = strides[1];
-  g.ph = paddings[0];
-  g.pw = paddings[1];
+  if (paddings.size() == 2) {
+    g.pt = g.pb = paddings[0];
+    g.pl = g.pr = paddings[1];
+  } else {
+    g.pt = paddings[0];
+    g.pb = paddings[1];
+    g.pl = paddings[2];
+    g.pr = paddings[3];
+  }
   PD_CHECK(ws[1] == g.c, op, ": input has ", g.c, " channels but the weight expects ",
            ws[1], " (only groups=1, NCHW input and OIHW weights are supported)");
   PD_CHECK(g.n >= 0 && g.c > 0 && g.h > 0 && g.w > 0 && g.o > 0 && g.kh > 0 && g.kw > 0,
            op, ": empty channel, spatial or kernel dimension");
-  PD_CHECK(g.h + 2 * g.ph >= g.kh && g.w + 2 * g.pw >= g.kw, op, ": kernel ", g.kh, "x",
-           g.kw, " is larger than the padded input ", g.h + 2 * g.ph, "x",
-           g.w + 2 * g.pw);
-  g.oh = out_size(g.h, g.kh, g.sh, g.ph);
-  g.ow = out_size(g.w, g.kw, g.sw, g.pw);
+  PD_CHECK(g.h + g.pt + g.pb >= g.kh && g.w + g.pl + g.pr >= g.kw, op, ": kernel ", g.kh,
+           "x", g.kw, " is larger than the padded input ", g.h + g.pt + g.pb, "x",
+           g.w + g.pl + g.pr);
+  g.oh = out_size(g.h, g.kh, g.sh, g.pt, g.pb);
+  g.ow = out_size(g.w, g.kw, g.sw, g.pl, g.pr);
   return g;
 }
 
@@ -224,11 +237,11 @@ struct Entry {
   Arg src, wei, dst;  // conv's x, w, y (or their gradients, by op)
 };
 
-using Key = std::array<int64_t, 15>;
+using Key = std::array<int64_t, 17>;
 
 Key make_key(Kind kind, const Geometry& g, int threads) {
-  return {kind, g.n,  g.c,  g.h,  g.w,  g.o,  g.kh,   g.kw,
-          g.sh, g.sw, g.ph, g.pw, g.oh, g.ow, threads};
+  return {kind, g.n,  g.c,  g.h,  g.w,  g.o,  g.kh, g.kw,   g.sh,
+          g.sw, g.pt, g.pb, g.pl, g.pr, g.oh, g.ow, threads};
 }
 
 void init_arg(Arg& a, const memory::desc& plain, const memory::desc& chosen,
@@ -251,7 +264,8 @@ bool is_reference(const char* impl) { return std::string(impl).rfind("ref", 0) =
 std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
   auto& eng = cpu_engine();
   const memory::dims xd{g.n, g.c, g.h, g.w}, wd{g.o, g.c, g.kh, g.kw},
-      yd{g.n, g.o, g.oh, g.ow}, strides{g.sh, g.sw}, pads{g.ph, g.pw};
+      yd{g.n, g.o, g.oh, g.ow}, strides{g.sh, g.sw}, pads_l{g.pt, g.pl},
+      pads_r{g.pb, g.pr};
   const memory::desc x_plain(xd, Dt::f32, Tag::nchw), w_plain(wd, Dt::f32, Tag::oihw),
       y_plain(yd, Dt::f32, Tag::nchw);
   const memory::desc x_any(xd, Dt::f32, Tag::any), w_any(wd, Dt::f32, Tag::any),
@@ -261,10 +275,10 @@ std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
       with_bias(kind)
           ? dnnl::convolution_forward::primitive_desc(
                 eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-                x_any, w_any, b_plain, y_any, strides, pads, pads)
+                x_any, w_any, b_plain, y_any, strides, pads_l, pads_r)
           : dnnl::convolution_forward::primitive_desc(
                 eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-                x_any, w_any, y_any, strides, pads, pads);
+                x_any, w_any, y_any, strides, pads_l, pads_r);
   auto e = std::make_shared<Entry>();
   if (kind == kForward || kind == kForwardBias) {
     init_arg(e->src, x_plain, fwd.src_desc(), false);
@@ -282,14 +296,14 @@ std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
     try {
       bwd = dnnl::convolution_backward_data::primitive_desc(
           eng, dnnl::algorithm::convolution_direct, fwd.src_desc(), w_any, fwd.dst_desc(),
-          strides, pads, pads, fwd);
+          strides, pads_l, pads_r, fwd);
       chosen = !is_reference(bwd.impl_info_str());
     } catch (const dnnl::error&) {
     }
     if (!chosen) {
       bwd = dnnl::convolution_backward_data::primitive_desc(
-          eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads,
-          pads, fwd);
+          eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads_l,
+          pads_r, fwd);
     }
     init_arg(e->src, x_plain, bwd.diff_src_desc(), true);
     init_arg(e->wei, w_plain, bwd.weights_desc(), false);
@@ -298,15 +312,15 @@ std::shared_ptr<Entry> create_entry(Kind kind, const Geometry& g) {
   } else if (kind == kBackwardWeightBias) {
     dnnl::convolution_backward_weights::primitive_desc bwd(
         eng, dnnl::algorithm::convolution_direct, x_any, w_any, b_plain, y_any, strides,
-        pads, pads, fwd);
+        pads_l, pads_r, fwd);
     init_arg(e->src, x_plain, bwd.src_desc(), false);
     init_arg(e->wei, w_plain, bwd.diff_weights_desc(), true);
     init_arg(e->dst, y_plain, bwd.diff_dst_desc(), false);
     e->conv = dnnl::convolution_backward_weights(bwd);
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(
-        eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads,
-        pads, fwd);
+        eng, dnnl::algorithm::convolution_direct, x_any, w_any, y_any, strides, pads_l,
+        pads_r, fwd);
     init_arg(e->src, x_plain, bwd.src_desc(), false);
     init_arg(e->wei, w_plain, bwd.diff_weights_desc(), true);
     init_arg(e->dst, y_plain, bwd.diff_dst_desc(), false);
@@ -584,7 +598,7 @@ void im2col_rows(const Geometry& g, const float* x, int64_t oy0, int64_t oy1, fl
       for (int64_t j = 0; j < g.kw; ++j) {
         float* out = col + ((c * g.kh + i) * g.kw + j) * width;
         for (int64_t oy = oy0; oy < oy1; ++oy) {
-          const int64_t y = oy * g.sh - g.ph + i;
+          const int64_t y = oy * g.sh - g.pt + i;
           float* row = out + (oy - oy0) * g.ow;
           if (y < 0 || y >= g.h) {
             std::fill(row, row + g.ow, 0.0f);
@@ -592,7 +606,7 @@ void im2col_rows(const Geometry& g, const float* x, int64_t oy0, int64_t oy1, fl
           }
           const float* src = x + (c * g.h + y) * g.w;
           for (int64_t ox = 0; ox < g.ow; ++ox) {
-            const int64_t xx = ox * g.sw - g.pw + j;
+            const int64_t xx = ox * g.sw - g.pl + j;
             row[ox] = (xx < 0 || xx >= g.w) ? 0.0f : src[xx];
           }
         }
@@ -754,8 +768,8 @@ std::vector<paddle::Tensor> BackwardWeightBiasKernel(const paddle::Tensor& x,
 // Only used when building a static graph; dims may be -1 (unknown) there.
 
 namespace {
-int64_t infer_out(int64_t in, int64_t k, int s, int p) {
-  return (in < 0 || k < 0) ? -1 : out_size(in, k, s, p);
+int64_t infer_out(int64_t in, int64_t k, int s, int before, int after) {
+  return (in < 0 || k < 0) ? -1 : out_size(in, k, s, before, after);
 }
 }  // namespace
 
@@ -763,8 +777,11 @@ std::vector<std::vector<int64_t>> ForwardShape(const std::vector<int64_t>& x,
                                                const std::vector<int64_t>& w,
                                                const std::vector<int>& strides,
                                                const std::vector<int>& paddings, int, int) {
-  return {{x[0], w[0], infer_out(x[2], w[2], strides[0], paddings[0]),
-           infer_out(x[3], w[3], strides[1], paddings[1])}};
+  const bool sides = paddings.size() == 4;  // {top, bottom, left, right}
+  const int top = paddings[0], bottom = paddings[sides ? 1 : 0];
+  const int left = paddings[sides ? 2 : 1], right = paddings[sides ? 3 : 1];
+  return {{x[0], w[0], infer_out(x[2], w[2], strides[0], top, bottom),
+           infer_out(x[3], w[3], strides[1], left, right)}};
 }
 
 std::vector<std::vector<int64_t>> BackwardDataShape(const std::vector<int64_t>& dy,

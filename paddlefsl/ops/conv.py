@@ -9,7 +9,7 @@ Both rewrites are applied only inside :func:`second_order_scope`, so ordinary fo
 passes keep Paddle's fastest kernels.
 
 When the oneDNN kernels of :mod:`paddlefsl.ops.onednn` are available, a float32 NCHW
-convolution (groups 1, dilation 1, symmetric padding) runs on them instead, through
+convolution (groups 1, dilation 1, any explicit padding) runs on them instead, through
 :mod:`paddlefsl.ops.conv_graph`, which is exact to any order by itself.
 Every number of input channels takes that path. RGB first layers (3 channels) stayed on
 Paddle's kernels until session 17: the oneDNN forward was no faster there; since the
@@ -136,16 +136,14 @@ _GEOMETRIES: dict[tuple, ConvGeometry | None] = {}
 def _geometry(shape, kernel, strides, paddings, dilations) -> ConvGeometry | None:
     if list(dilations) != [1, 1] or len(strides) != 2:
         return None
-    pads = list(paddings)
-    if len(pads) == 4:  # [top, bottom, left, right]: only symmetric padding
-        if pads[0] != pads[1] or pads[2] != pads[3]:
-            return None
-        pads = [pads[0], pads[2]]
-    if len(pads) != 2:
+    pads = [int(p) for p in paddings]
+    if len(pads) == 4 and pads[0] == pads[1] and pads[2] == pads[3]:
+        pads = [pads[0], pads[2]]  # symmetric: the short form, one cache entry per geometry
+    if len(pads) not in (2, 4) or min(pads) < 0:
         return None
     return ConvGeometry(
         (int(strides[0]), int(strides[1])),
-        (int(pads[0]), int(pads[1])),
+        tuple(pads),
         (int(shape[2]), int(shape[3])),
         (int(kernel[2]), int(kernel[3])),
     )

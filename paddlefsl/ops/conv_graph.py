@@ -34,14 +34,15 @@ class ConvGeometry:
 
     Attributes:
         strides: (stride_h, stride_w).
-        paddings: (pad_h, pad_w), the same on both sides.
+        paddings: (pad_h, pad_w), the same on both sides, or (top, bottom, left, right)
+            where the two sides differ (TensorFlow's ``SAME`` padding under stride).
         input_hw: (H, W) of the input; fixes the input-gradient shape under stride.
         kernel_hw: (kH, kW) of the filter.
 
     """
 
     strides: tuple[int, int]
-    paddings: tuple[int, int]
+    paddings: tuple[int, int] | tuple[int, int, int, int]
     input_hw: tuple[int, int]
     kernel_hw: tuple[int, int]
 

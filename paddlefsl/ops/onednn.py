@@ -154,11 +154,14 @@ def conv2d_forward(
         x: Input ``[N, C, H, W]``, float32, CPU.
         w: Weights ``[O, C, KH, KW]``, float32, CPU.
         strides: Stride ``s`` or ``[sh, sw]``.
-        paddings: Zero padding ``p`` or ``[ph, pw]``, applied on both sides.
+        paddings: Zero padding ``p`` or ``[ph, pw]``, applied on both sides, or
+            ``[top, bottom, left, right]`` (TensorFlow's ``SAME`` padding of a strided
+            convolution is one pixel larger after than before).
         threads: OpenMP threads for this call (default :func:`get_threads`).
 
     Returns:
-        ``y`` of shape ``[N, O, (H + 2 ph - KH) // sh + 1, (W + 2 pw - KW) // sw + 1]``.
+        ``y`` of shape ``[N, O, (H + 2 ph - KH) // sh + 1, (W + 2 pw - KW) // sw + 1]``
+        (``top + bottom`` and ``left + right`` in place of ``2 ph`` and ``2 pw``).
 
     Raises:
         RuntimeError: The ops are unavailable (see :func:`unavailable_reason`), or the
@@ -177,7 +180,7 @@ def conv2d_forward(
         [5, 4, 5, 5] True
 
     """
-    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings"), 0]  # 0: keep nothing
+    attrs = [_pair(strides, "strides"), _paddings(paddings), 0]  # 0: keep nothing
     return _call(OPS[0], x, w, attrs, threads)
 
 
@@ -197,7 +200,7 @@ def conv2d_backward_data(
         dy: Output gradient ``[N, O, OH, OW]``, float32, CPU.
         w: Weights ``[O, C, KH, KW]``.
         strides: Stride of the forward convolution, ``s`` or ``[sh, sw]``.
-        paddings: Padding of the forward convolution, ``p`` or ``[ph, pw]``.
+        paddings: Padding of the forward convolution, as :func:`conv2d_forward` takes it.
         input_hw: ``[H, W]`` of the forward input (with stride > 1 several input sizes
             give the same output size).
         threads: OpenMP threads for this call (default :func:`get_threads`).
@@ -219,7 +222,7 @@ def conv2d_backward_data(
         [5, 3, 7, 7]
 
     """
-    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings"), _pair(input_hw, "input_hw")]
+    attrs = [_pair(strides, "strides"), _paddings(paddings), _pair(input_hw, "input_hw")]
     return _call(OPS[1], dy, w, attrs, threads)
 
 
@@ -239,7 +242,7 @@ def conv2d_backward_weight(
         x: Forward input ``[N, C, H, W]``, float32, CPU.
         dy: Output gradient ``[N, O, OH, OW]``.
         strides: Stride of the forward convolution, ``s`` or ``[sh, sw]``.
-        paddings: Padding of the forward convolution, ``p`` or ``[ph, pw]``.
+        paddings: Padding of the forward convolution, as :func:`conv2d_forward` takes it.
         kernel_hw: ``[KH, KW]`` of the weights.
         threads: OpenMP threads for this call (default :func:`get_threads`).
 
@@ -260,7 +263,7 @@ def conv2d_backward_weight(
         [4, 3, 3, 3]
 
     """
-    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings"), _pair(kernel_hw, "kernel_hw")]
+    attrs = [_pair(strides, "strides"), _paddings(paddings), _pair(kernel_hw, "kernel_hw")]
     return _call(OPS[2], x, dy, attrs, threads)
 
 
@@ -290,7 +293,7 @@ def conv2d_forward_bias(
         [2, 4, 5, 5] True
 
     """
-    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings"), 0]  # 0: keep nothing
+    attrs = [_pair(strides, "strides"), _paddings(paddings), 0]  # 0: keep nothing
     return run_op(OPS[3], x, w, b, *attrs, threads=threads)[0]
 
 
@@ -319,12 +322,25 @@ def conv2d_backward_weight_bias(
         [4, 3, 3, 3] [80.0, 80.0, 80.0, 80.0]
 
     """
-    attrs = [_pair(strides, "strides"), _pair(paddings, "paddings"), _pair(kernel_hw, "kernel_hw")]
+    attrs = [_pair(strides, "strides"), _paddings(paddings), _pair(kernel_hw, "kernel_hw")]
     dw, db = run_op(OPS[4], x, dy, *attrs, threads=threads)
     return dw, db
 
 
 # ------------------------------------------------------------------------------ calls
+
+
+def _paddings(value: int | Sequence[int]) -> list[int]:
+    """``[ph, pw]`` (both sides) or ``[top, bottom, left, right]``, as the kernels take them."""
+    if isinstance(value, numbers.Integral):
+        return [int(value), int(value)]
+    values = [int(v) for v in value]
+    if len(values) not in (2, 4):
+        raise ValueError(
+            f"paddings must be an int, 2 ints [ph, pw] (both sides) or 4 ints "
+            f"[top, bottom, left, right], got {value!r}"
+        )
+    return values
 
 
 def _pair(value: int | Sequence[int], name: str) -> list[int]:
