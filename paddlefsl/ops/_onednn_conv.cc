@@ -24,9 +24,8 @@
 //
 // strides = {sh, sw}; paddings = {ph, pw}, applied on both sides, or {top, bottom, left,
 // right} (TensorFlow's SAME padding of a strided convolution pads one pixel more after
-// than before); threads >= 1 is the
-// OpenMP team size for this call only (the caller's setting is restored afterwards, so
-// Paddle's own kernels keep their thread count).
+// than before); threads >= 1 is the OpenMP team size for this call only (the caller's
+// setting is restored afterwards, so Paddle's own kernels keep their thread count).
 //
 // Built by paddlefsl/ops/_onednn_build.py against oneDNN 3.6 headers and linked with the
 // libdnnl.so.3 and libiomp5.so that ship in the Paddle wheel. Only the stable v3 C++ API
