@@ -164,8 +164,9 @@ def _unfold(x: Tensor, kernel_sizes, strides, paddings, dilations) -> Tensor:
     kh, kw = kernel_sizes
     top, left, bottom, right = paddings
     eye = paddle.eye(kh * kw, dtype=x.dtype).reshape([kh * kw, 1, kh, kw])
-    planes = F.pad(x.reshape([n * c, 1, *x.shape[2:]]), [left, right, top, bottom])
-    cols = F.conv2d(planes, eye, stride=list(strides), dilation=list(dilations))
+    planes = x.reshape([n * c, 1, *x.shape[2:]])
+    padding = [top, bottom, left, right]  # the convolution pads unevenly itself
+    cols = F.conv2d(planes, eye, stride=list(strides), padding=padding, dilation=list(dilations))
     return cols.reshape([n, c * kh * kw, -1])
 
 
