@@ -232,6 +232,7 @@ def test_conv4_meta_gradient_through_the_fast_path(monkeypatch, channels):
         ({"paddings": [1, 0, 1, 1]}, True),  # asymmetric: [top, bottom, left, right]
         ({"paddings": [1, 1, 2, 2]}, True),  # symmetric, 4-value form
         ({"paddings": [1, 1, 1]}, False),
+        ({"paddings": [1, -1, 1, 1]}, False),  # Paddle's error, not the kernels'
         ({"algorithm": "SAME"}, False),
     ],
 )
