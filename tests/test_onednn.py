@@ -54,6 +54,32 @@ def reference(x, w, stride, padding):
     return y, dy, dx, dw
 
 
+def assert_kernels_match_paddle(ops, shape, out_channels, k, stride, padding, threads, parts):
+    """Runs the named kernels on random data and compares them with Paddle's conv2d.
+
+    ``parts`` names what to check: "plain" (forward, filter gradient), "data" (input
+    gradient) and "bias" (forward with bias, filter and bias gradients in one call).
+    """
+    x = paddle.randn(shape)
+    w = paddle.randn([out_channels, shape[1], k, k]) * 0.1
+    b = paddle.randn([out_channels])
+    y, dy, dx, dw = reference(x, w, stride, padding)
+    what = f"{shape} -> {out_channels}, k{k} s{stride} p{padding}, {threads} thread(s)"
+    if "plain" in parts:
+        close(ops.conv2d_forward(x, w, stride, padding, threads=threads), y, "forward " + what)
+        got = ops.conv2d_backward_weight(x, dy, stride, padding, [k, k], threads)
+        close(got, dw, "backward_weight " + what)
+    if "data" in parts:
+        got = ops.conv2d_backward_data(dy, w, stride, padding, shape[2:], threads=threads)
+        close(got, dx, "backward_data " + what)
+    if "bias" in parts:
+        got = ops.conv2d_forward_bias(x, w, b, stride, padding, threads=threads)
+        close(got, y + b.reshape([1, -1, 1, 1]), "forward_bias " + what)
+        got_dw, got_db = ops.conv2d_backward_weight_bias(x, dy, stride, padding, [k, k], threads)
+        close(got_dw, dw, "backward_weight_bias (dw) " + what)
+        close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
+
+
 # (N, C, H, W), O, kernel, stride, padding
 CASES = [
     ((1, 1, 7, 7), 4, 3, 2, 1),  # one input channel, 7x7 -> 4x4
@@ -69,31 +95,16 @@ CASES = [
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape, out_channels, k, stride, padding", CASES)
 def test_matches_paddle(ops, shape, out_channels, k, stride, padding, threads):
-    x = paddle.randn(shape)
-    w = paddle.randn([out_channels, shape[1], k, k]) * 0.1
-    y, dy, dx, dw = reference(x, w, stride, padding)
-    what = f"{shape} -> {out_channels}, k{k} s{stride} p{padding}, {threads} thread(s)"
-    close(ops.conv2d_forward(x, w, stride, padding, threads=threads), y, "forward " + what)
-    got_dx = ops.conv2d_backward_data(dy, w, stride, padding, shape[2:], threads=threads)
-    close(got_dx, dx, "backward_data " + what)
-    got_dw = ops.conv2d_backward_weight(x, dy, [stride] * 2, [padding] * 2, [k, k], threads)
-    close(got_dw, dw, "backward_weight " + what)
+    assert_kernels_match_paddle(
+        ops, shape, out_channels, k, stride, padding, threads, ("plain", "data")
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape, out_channels, k, stride, padding", CASES[:5])
 def test_bias_variants_match_paddle(ops, shape, out_channels, k, stride, padding, threads):
     """The folded bias: conv + b forward, and (dw, db) from one backward call."""
-    x = paddle.randn(shape)
-    w = paddle.randn([out_channels, shape[1], k, k]) * 0.1
-    b = paddle.randn([out_channels])
-    y, dy, _, dw = reference(x, w, stride, padding)
-    what = f"{shape} -> {out_channels}, k{k} s{stride} p{padding}, {threads} thread(s)"
-    got = ops.conv2d_forward_bias(x, w, b, stride, padding, threads=threads)
-    close(got, y + b.reshape([1, -1, 1, 1]), "forward_bias " + what)
-    got_dw, got_db = ops.conv2d_backward_weight_bias(x, dy, stride, padding, [k, k], threads)
-    close(got_dw, dw, "backward_weight_bias (dw) " + what)
-    close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
+    assert_kernels_match_paddle(ops, shape, out_channels, k, stride, padding, threads, ("bias",))
 
 
 # Forwards and filter gradients with C*KH*KW <= 27 run as unfolded products
@@ -143,21 +154,9 @@ ASYMMETRIC_CASES = [
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape, out_channels, k, stride, padding", ASYMMETRIC_CASES)
 def test_asymmetric_padding_matches_paddle(ops, shape, out_channels, k, stride, padding, threads):
-    x = paddle.randn(shape)
-    w = paddle.randn([out_channels, shape[1], k, k]) * 0.1
-    b = paddle.randn([out_channels])
-    y, dy, dx, dw = reference(x, w, stride, padding)
-    what = f"{shape} -> {out_channels}, k{k} s{stride} p{padding}, {threads} thread(s)"
-    close(ops.conv2d_forward(x, w, stride, padding, threads=threads), y, "forward " + what)
-    got = ops.conv2d_forward_bias(x, w, b, stride, padding, threads=threads)
-    close(got, y + b.reshape([1, -1, 1, 1]), "forward_bias " + what)
-    got = ops.conv2d_backward_data(dy, w, stride, padding, shape[2:], threads=threads)
-    close(got, dx, "backward_data " + what)
-    got = ops.conv2d_backward_weight(x, dy, stride, padding, [k, k], threads)
-    close(got, dw, "backward_weight " + what)
-    got_dw, got_db = ops.conv2d_backward_weight_bias(x, dy, stride, padding, [k, k], threads)
-    close(got_dw, dw, "backward_weight_bias (dw) " + what)
-    close(got_db, dy.sum([0, 2, 3]), "backward_weight_bias (db) " + what)
+    assert_kernels_match_paddle(
+        ops, shape, out_channels, k, stride, padding, threads, ("plain", "data", "bias")
+    )
 
 
 def test_bad_paddings_are_named(ops):
