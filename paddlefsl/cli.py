@@ -191,6 +191,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="save the last checkpoint every N iterations (0: at the end)",
     )
     group.add_argument(
+        "--keep-every",
+        type=int,
+        default=s,
+        help="also keep every N-th iteration's checkpoint for good, as "
+        "checkpoints/kept-NNNNNNN.json, to score later with 'paddlefsl eval' (0: none)",
+    )
+    group.add_argument(
         "--log-every",
         type=int,
         default=s,
@@ -280,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         default=None,
         metavar="DIR",
-        help="where to write eval_<split>.json (default: the run folder)",
+        help="where to write eval_<split>.json (default: the run folder; <run>/kept-NNNNNNN "
+        "for a kept checkpoint)",
     )
     ev.add_argument(
         "--by-step",
@@ -551,7 +559,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         by_step=args.by_step,
     )
     run_dir = ckpt.run_dir  # <run> for <run>/checkpoints/*.json, the folder of an export
-    out_dir = Path(args.output) if args.output else run_dir
+    tag = ckpt.record.get("tag") or ""
+    # a kept checkpoint gets a folder of its own, or each would overwrite the run's result
+    default_dir = run_dir / tag if tag.startswith("kept-") else run_dir
+    out_dir = Path(args.output) if args.output else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     preset = PRESETS.get(config.preset or "")
     report = {

@@ -215,6 +215,7 @@ def build_trainer(
         output_dir=config.output,
         eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every,
+        keep_every=config.keep_every,
         log_every=config.log_every,
         config=config.to_dict(),
         num_workers=config.num_workers,

@@ -6,6 +6,7 @@ Layout of ``<run>/checkpoints/``::
     iter-0000500.pdopt      optimizer state (Adam moments, LR schedule, ...)
     last.json               record of the newest checkpoint
     best.json               record of the best one on validation
+    kept-0005000.json       record of a checkpoint kept for good (``keep_every``)
 
 Every file is written to a temporary file in the same folder, fsynced, then moved into
 place with ``os.replace``. The binaries carry the iteration in their names and the JSON
@@ -44,6 +45,7 @@ __all__ = [
     "atomic_write_bytes",
     "checkpointed_layer",
     "export_checkpoint",
+    "kept_tag",
     "load_checkpoint",
     "resolve_checkpoint",
 ]
@@ -55,6 +57,21 @@ EXPORT_RECORD_FILE = "best.json"
 #: Configuration fields that only make sense on the machine that trained the model.
 MACHINE_FIELDS = ("output", "data_root")
 _TMP_SUFFIX = ".tmp"
+KEPT_PREFIX = "kept-"
+
+
+def kept_tag(iteration: int) -> str:
+    """The record name of the checkpoint kept for good at ``iteration``.
+
+    ``last`` and ``best`` are overwritten as a run goes on; a ``kept-*`` record stays, so
+    its files are never pruned (a learning curve to score later, a point to branch from).
+
+    Example:
+        >>> kept_tag(5000)
+        'kept-0005000'
+
+    """
+    return f"{KEPT_PREFIX}{int(iteration):07d}"
 
 
 def _write_all(handle: Any, data: bytes) -> None:
@@ -345,6 +362,12 @@ class CheckpointManager:
             written.append(path)
         self._prune()
         return written[0]
+
+    def kept(self) -> list[Path]:
+        """Records of the checkpoints kept for good (:func:`kept_tag`), oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(self.directory.glob(f"{KEPT_PREFIX}*.json"))
 
     def _records(self) -> list[dict[str, Any]]:
         out = []

@@ -49,6 +49,7 @@ RUNTIME_FIELDS = frozenset(
         "iterations",
         "eval_every",
         "checkpoint_every",
+        "keep_every",
         "log_every",
         "val_tasks",
         "eval_tasks",
@@ -132,6 +133,8 @@ class TrainConfig:
             Validation and ``paddlefsl eval`` use the standard tasks either way.
         eval_every: Validate every N iterations (0: only at the end).
         checkpoint_every: Save the ``last`` checkpoint every N iterations (0: at the end).
+        keep_every: Also keep every N-th iteration's checkpoint for good
+            (``checkpoints/kept-NNNNNNN.json``; 0: none).
         log_every: Write a training row to ``metrics.jsonl`` every N iterations.
         val_tasks: Validation tasks (0 disables validation and the ``best`` checkpoint).
         eval_tasks: Test tasks of ``paddlefsl eval``.
@@ -178,6 +181,7 @@ class TrainConfig:
     omniglot_rotations: str = "classes"
     eval_every: int = 500
     checkpoint_every: int = 500
+    keep_every: int = 0
     log_every: int = 10
     val_tasks: int = 100
     eval_tasks: int = 600
@@ -245,7 +249,14 @@ class TrainConfig:
             "nproc",
         ):
             _integer(name, getattr(self, name), 1)
-        for name in ("seed", "eval_every", "checkpoint_every", "val_tasks", "num_workers"):
+        for name in (
+            "seed",
+            "eval_every",
+            "checkpoint_every",
+            "keep_every",
+            "val_tasks",
+            "num_workers",
+        ):
             _integer(name, getattr(self, name), 0)
         for name in ("inner_lr", "meta_lr"):
             value = getattr(self, name)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._filelock import is_locked
-from .checkpoint import CHECKPOINT_DIR, EXPORT_RECORD_FILE
+from .checkpoint import CHECKPOINT_DIR, EXPORT_RECORD_FILE, KEPT_PREFIX
 from .config import CONFIG_FILE
 from .errors import ConfigError
 from .metrics import METRICS_FILE, read_metrics
@@ -51,6 +51,7 @@ class RunStatus:
             checkpoint).
         test: ``{"iteration", "metric", "mean", "ci95", "num_tasks"}`` of the
             ``eval_test.json`` that ``paddlefsl eval`` wrote into the run folder, if any.
+        kept: Iterations of the checkpoints kept for good (``--keep-every``).
         message: The error of a ``non_finite`` stop.
 
     """
@@ -71,6 +72,7 @@ class RunStatus:
     last_val: dict[str, Any] | None = None
     best: dict[str, Any] | None = None
     test: dict[str, Any] | None = None
+    kept: list[int] = field(default_factory=list)
     message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +117,11 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
         exported = "exported_from" in export
         record = export if exported else {}
     status = RunStatus(run=str(run), state="not started")
+    status.kept = sorted(
+        int(path.stem.split("-")[1])
+        for path in (run / CHECKPOINT_DIR).glob(f"{KEPT_PREFIX}*.json")
+        if path.stem.split("-")[1].isdigit()
+    )
 
     starts = [r for r in rows if r.get("event") == "start"]
     status.target = starts[-1].get("target") if starts else config.get("iterations")
@@ -274,6 +281,10 @@ def format_status(status: RunStatus) -> str:
         saved.append(f"last checkpoint at iteration {status.iteration:,}")
         if status.checkpoint_age is not None:
             saved[-1] += f", written {_duration(status.checkpoint_age)} ago"
+    if status.kept:
+        first, last = status.kept[0], status.kept[-1]
+        span = f"iteration {first:,}" if first == last else f"iterations {first:,}-{last:,}"
+        saved.append(f"{len(status.kept)} kept ({span})")
     if status.elapsed:
         saved.append(f"{_duration(status.elapsed)} of training")
     if saved:

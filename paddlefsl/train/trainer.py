@@ -21,6 +21,7 @@ from .checkpoint import (
     CheckpointManager,
     atomic_write_json,
     checkpointed_layer,
+    kept_tag,
     load_checkpoint,
 )
 from .config import CONFIG_FILE, MODEL_FIELDS, config_diff, runtime_fields
@@ -115,10 +116,11 @@ class MetaTrainer:
 
     With ``output_dir``: training rows and validation results go to ``metrics.jsonl``;
     the ``last`` checkpoint is written every ``checkpoint_every`` iterations and at the
-    end, the ``best`` one whenever validation improves; SIGINT / SIGTERM finish the
-    current iteration, save ``last`` and return. A NaN / inf loss or gradient raises
-    :class:`NonFiniteLossError` before the optimizer step, so no checkpoint ever holds
-    non-finite weights.
+    end, the ``best`` one whenever validation improves, and with ``keep_every`` every
+    N-th checkpoint is also kept for good (``checkpoints/kept-NNNNNNN.json``);
+    SIGINT / SIGTERM finish the current iteration, save ``last`` and return. A NaN / inf
+    loss or gradient raises :class:`NonFiniteLossError` before the optimizer step, so no
+    checkpoint ever holds non-finite weights.
 
     Args:
         learner: A meta-learner (``MAML``, ``ANIL``, ``MetaSGD`` or any ``BaseLearner``).
@@ -136,6 +138,9 @@ class MetaTrainer:
         output_dir: Run folder for ``config.json``, ``metrics.jsonl``, checkpoints.
         eval_every: Validate every N iterations (0: only at the end).
         checkpoint_every: Save ``last`` every N iterations (0: only at the end).
+        keep_every: Also keep the checkpoint of every N-th iteration for good, as
+            ``checkpoints/kept-NNNNNNN.json`` (a learning curve to score on test tasks
+            later; 0: keep none).
         log_every: Log a training row every N iterations.
         config: JSON-serialisable run configuration, saved with checkpoints and
             compared on resume.
@@ -177,6 +182,7 @@ class MetaTrainer:
         output_dir: str | Path | None = None,
         eval_every: int = 0,
         checkpoint_every: int = 0,
+        keep_every: int = 0,
         log_every: int = 10,
         config: dict[str, Any] | None = None,
         scheduler: Any = None,
@@ -199,6 +205,12 @@ class MetaTrainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.eval_every = int(eval_every)
         self.checkpoint_every = int(checkpoint_every)
+        self.keep_every = int(keep_every)
+        if self.checkpoint_every < 0 or self.keep_every < 0:
+            raise ValueError(
+                f"checkpoint_every and keep_every must be >= 0 (got {checkpoint_every}, "
+                f"{keep_every}); 0 turns them off"
+            )
         self.log_every = max(int(log_every), 1)
         self.config = dict(config or {})
         if scheduler is None:
@@ -561,7 +573,8 @@ class MetaTrainer:
                     if self.iteration % self.log_every == 0:
                         result.train = self._log_train(window)
                     tags = []
-                    due = (
+                    keep = bool(self.keep_every) and self.iteration % self.keep_every == 0
+                    due = keep or (
                         bool(self.checkpoint_every) and self.iteration % self.checkpoint_every == 0
                     )
                     if self.eval_every and self.iteration % self.eval_every == 0:
@@ -573,6 +586,8 @@ class MetaTrainer:
                     # Saved again when best: the "last" record then holds the new best metric.
                     if stop or (due and (self._last_saved != self.iteration or tags)):
                         tags.append("last")
+                    if keep:
+                        tags.append(kept_tag(self.iteration))
                     if tags:
                         self.save(tags)
                     if stop:

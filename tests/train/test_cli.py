@@ -24,6 +24,7 @@ SINUSOID = SINUSOID_TRAIN
             "--task-pool must be an integer >= 0 (got -5)",
         ),
         (["train", "--dataset", "omniglot"], "--data-root is required"),
+        (["train", "--dataset", "sinusoid", "--keep-every", "-2"], "--keep-every must be"),
         (["eval"], "--checkpoint"),
         ([], "choose a command"),
     ],
@@ -107,6 +108,26 @@ def test_train_resume_eval_end_to_end(capsys, tmp_path):
     stepped = json.loads((tmp_path / "ev" / "eval_test.json").read_text())
     assert [row["step"] for row in stepped["by_step"]] == [0, 1, 2]
     assert stepped["by_step"][-1]["mean"] == pytest.approx(stepped["mean"], abs=1e-12)
+
+
+def test_kept_checkpoints_are_evaluated_into_folders_of_their_own(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main(SINUSOID + ["--output", str(run), "--keep-every", "2"]) == 0
+    kept = sorted(p.name for p in (run / "checkpoints").glob("kept-*.json"))
+    assert kept == ["kept-0000002.json", "kept-0000004.json"]
+    # keep_every never changes the weights, so a resume may change it
+    argv = ["train", "--resume", "--output", str(run), "--iterations", "6", "--keep-every", "3"]
+    assert main(argv + ["--no-progress"]) == 0
+    kept = sorted(p.name for p in (run / "checkpoints").glob("kept-*.json"))
+    assert kept == ["kept-0000002.json", "kept-0000004.json", "kept-0000006.json"]
+    capsys.readouterr()
+
+    record = run / "checkpoints" / "kept-0000002.json"
+    assert main(["eval", "--checkpoint", str(record), "--eval-tasks", "3", "--no-progress"]) == 0
+    assert "iteration 2" in capsys.readouterr().out
+    report = json.loads((run / "kept-0000002" / "eval_test.json").read_text())
+    assert report["iteration"] == 2 and report["checkpoint_tag"] == "kept-0000002"
+    assert not (run / "eval_test.json").exists()  # the run's own result is not overwritten
 
 
 def _eval_report(path, values, **changes):

@@ -97,7 +97,7 @@ def test_cli_status_of_a_real_run_and_json(tmp_path, capsys):
     assert main(["status", str(run), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["state"] == "finished" and data["iteration"] == 4 and data["metric"] == "mse"
-    assert data["test"] is None
+    assert data["test"] is None and data["kept"] == []
     assert main(["eval", "--checkpoint", str(run), "--eval-tasks", "3", "--no-progress"]) == 0
     capsys.readouterr()
     report = json.loads((run / "eval_test.json").read_text())
@@ -164,3 +164,11 @@ def test_a_folder_of_runs_stands_for_its_runs(tmp_path, capsys):
     assert heads == [f"{tmp_path / 'a'}: finished", f"{second}: stopped; {resume}"]
     line = cli_error(capsys, ["status", str(tmp_path / "empty")])
     assert "holds none" in line
+
+
+def test_status_counts_the_kept_checkpoints(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(SINUSOID_TRAIN + ["--output", str(run), "--keep-every", "2"]) == 0
+    capsys.readouterr()
+    assert run_status(run).kept == [2, 4]
+    assert "; 2 kept (iterations 2-4);" in format_status(run_status(run))

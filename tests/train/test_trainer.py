@@ -18,6 +18,7 @@ from paddlefsl.train import (
     MetaTrainer,
     NonFiniteLossError,
     evaluate,
+    load_checkpoint,
     read_metrics,
 )
 from paddlefsl.train.distributed import Group
@@ -148,6 +149,34 @@ def test_best_and_last_checkpoints(factory, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("iter-*"))
     wanted = {f"iter-{i:07d}.{ext}" for i in {5, best.iteration} for ext in ("pdparams", "pdopt")}
     assert set(kept) == wanted  # older binaries are pruned
+
+
+def test_kept_checkpoints_stay_and_hold_that_iterations_weights(factory, tmp_path):
+    trainer = factory.classification(
+        output_dir=tmp_path, eval_every=0, checkpoint_every=3, keep_every=2, val_tasks=0
+    )
+    trainer.fit(5)
+    manager = CheckpointManager(tmp_path)
+    assert [p.name for p in manager.kept()] == ["kept-0000002.json", "kept-0000004.json"]
+    assert manager.load("last").iteration == 5
+    kept = {p.name for p in (tmp_path / "checkpoints").glob("iter-*.pdparams")}
+    assert kept == {"iter-0000002.pdparams", "iter-0000004.pdparams", "iter-0000005.pdparams"}
+
+    # A kept checkpoint is that iteration's model: the same as a run stopped there.
+    short = factory.classification(val_tasks=0)
+    short.fit(4)
+    saved = load_checkpoint(tmp_path / "checkpoints" / "kept-0000004.json")
+    assert saved.iteration == 4 and saved.record["tag"] == "kept-0000004"
+    by_name = {name: value.numpy() for name, value in saved.model_state.items()}
+    for name, value in short.model.state_dict().items():
+        np.testing.assert_array_equal(by_name[name], value.numpy(), err_msg=name)
+    with pytest.raises(CheckpointError, match="kept-0000003"):
+        manager.load("kept-0000003")
+
+
+def test_keep_every_must_not_be_negative(factory):
+    with pytest.raises(ValueError, match="keep_every must be >= 0"):
+        factory.classification(keep_every=-1)
 
 
 class _PoisonedTasks:
