@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._filelock import is_locked
-from .checkpoint import CHECKPOINT_DIR, EXPORT_RECORD_FILE, KEPT_PREFIX
+from .checkpoint import CHECKPOINT_DIR, EXPORT_RECORD_FILE, KEPT_PREFIX, CheckpointManager
 from .config import CONFIG_FILE
 from .errors import ConfigError
 from .metrics import METRICS_FILE, read_metrics
@@ -117,11 +117,8 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
         exported = "exported_from" in export
         record = export if exported else {}
     status = RunStatus(run=str(run), state="not started")
-    status.kept = sorted(
-        int(path.stem.split("-")[1])
-        for path in (run / CHECKPOINT_DIR).glob(f"{KEPT_PREFIX}*.json")
-        if path.stem.split("-")[1].isdigit()
-    )
+    kept = (path.stem.removeprefix(KEPT_PREFIX) for path in CheckpointManager(run).kept())
+    status.kept = [int(number) for number in kept if number.isdigit()]
 
     starts = [r for r in rows if r.get("event") == "start"]
     status.target = starts[-1].get("target") if starts else config.get("iterations")
