@@ -529,7 +529,12 @@ def _run_training(config: Any, progress: bool, resume: bool) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .runtime import use_cores
     from .train.builders import build_learner, build_tasks, eval_seed
-    from .train.checkpoint import atomic_write_json, checkpointed_layer, load_checkpoint
+    from .train.checkpoint import (
+        KEPT_PREFIX,
+        atomic_write_json,
+        checkpointed_layer,
+        load_checkpoint,
+    )
     from .train.config import TrainConfig
     from .train.errors import ConfigError
     from .train.evaluate import evaluate
@@ -561,7 +566,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run_dir = ckpt.run_dir  # <run> for <run>/checkpoints/*.json, the folder of an export
     tag = ckpt.record.get("tag") or ""
     # a kept checkpoint gets a folder of its own, or each would overwrite the run's result
-    default_dir = run_dir / tag if tag.startswith("kept-") else run_dir
+    default_dir = run_dir / tag if tag.startswith(KEPT_PREFIX) else run_dir
     out_dir = Path(args.output) if args.output else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     preset = PRESETS.get(config.preset or "")
