@@ -236,14 +236,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _add_checkpoint_options(parser: argparse.ArgumentParser, sources: str, verb: str) -> None:
+def _add_checkpoint_options(
+    parser: argparse.ArgumentParser, sources: str, verb: str, extra: str = ""
+) -> None:
     """--checkpoint (what it may name: ``sources``) and --which (which record of a folder)."""
     parser.add_argument("--checkpoint", required=True, metavar="DIR_OR_FILE", help=sources)
     parser.add_argument(
         "--which",
-        choices=("best", "last"),
+        choices=("best", "last", "kept") if extra else ("best", "last"),
         default="best",
-        help=f"checkpoint of a folder to {verb} (default best, else last)",
+        help=f"checkpoint of a folder to {verb} (default best, else last){extra}",
     )
 
 
@@ -271,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         ev,
         "run folder, its checkpoints/ folder, an export folder, a record .json or a .pdparams",
         "use",
+        "; kept: every checkpoint the run kept (train --keep-every), a learning curve on the tasks",
     )
     ev.add_argument("--split", choices=_SPLITS, default="test", help="default test")
     ev.add_argument("--eval-tasks", type=int, default=None, help="number of tasks (600)")
@@ -288,7 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="where to write eval_<split>.json (default: the run folder; <run>/kept-NNNNNNN "
-        "for a kept checkpoint)",
+        "for a kept checkpoint; with --which kept, the folder of the kept-NNNNNNN folders)",
+    )
+    ev.add_argument(
+        "--baseline",
+        default=None,
+        metavar="EVAL",
+        help="also compare with this eval_<split>.json (or its folder), paired per task as "
+        "'paddlefsl compare' does",
+    )
+    ev.add_argument(
+        "--follow",
+        action="store_true",
+        help="with --which kept: while the run trains, wait for new kept checkpoints and "
+        "score each as it appears; stop when the run stops",
     )
     ev.add_argument(
         "--by-step",
@@ -526,88 +542,160 @@ def _run_training(config: Any, progress: bool, resume: bool) -> int:
 
 
 # ---------------------------------------------------------------------- eval
+def _eval_options(args: argparse.Namespace) -> Any:
+    from .train.scoring import EvalOptions
+
+    return EvalOptions(
+        split=args.split,
+        eval_tasks=args.eval_tasks,
+        inner_steps_test=args.inner_steps_test,
+        data_root=args.data_root,
+        by_step=args.by_step,
+        progress=not args.no_progress,
+    )
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .runtime import use_cores
-    from .train.builders import build_learner, build_tasks, eval_seed
-    from .train.checkpoint import (
-        KEPT_PREFIX,
-        atomic_write_json,
-        checkpointed_layer,
-        load_checkpoint,
-    )
-    from .train.config import TrainConfig
+    from .train.checkpoint import atomic_write_json, load_checkpoint
     from .train.errors import ConfigError
-    from .train.evaluate import evaluate
     from .train.metrics import plot_learning_curve
-    from .train.presets import PRESETS
+    from .train.scoring import report_dir, score_checkpoint
 
+    baseline = _read_eval_report(args.baseline, args.split) if args.baseline else None
+    if args.follow and args.which != "kept":
+        raise ConfigError("--follow goes with --which kept (it scores kept checkpoints)")
     use_cores(1)
+    if args.which == "kept":
+        return _eval_kept(args, baseline)
     ckpt = load_checkpoint(args.checkpoint, which=args.which)
-    if not ckpt.config:
-        raise ConfigError(
-            f"{ckpt.path} has no saved configuration; it was not written by 'paddlefsl train'"
-        )
-    values = TrainConfig.from_dict(ckpt.config).to_dict()
-    for name in ("eval_tasks", "inner_steps_test", "data_root"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    config = TrainConfig.from_dict(values).validate()
-    learner = build_learner(config)
-    ckpt.load_model(checkpointed_layer(learner))  # Meta-SGD: its learning rates too
-    tasks = build_tasks(config, args.split, num_tasks=config.eval_tasks)
-    result = evaluate(
-        learner,
-        tasks,
-        config.inner_steps_test,
-        config.task_type,
-        progress=not args.no_progress,
-        by_step=args.by_step,
-    )
-    run_dir = ckpt.run_dir  # <run> for <run>/checkpoints/*.json, the folder of an export
-    tag = ckpt.record.get("tag") or ""
-    # a kept checkpoint gets a folder of its own, or each would overwrite the run's result
-    default_dir = run_dir / tag if tag.startswith(KEPT_PREFIX) else run_dir
-    out_dir = Path(args.output) if args.output else default_dir
+    report = score_checkpoint(ckpt, _eval_options(args))
+    out_dir = Path(args.output) if args.output else report_dir(ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preset = PRESETS.get(config.preset or "")
-    report = {
-        "split": args.split,
-        "checkpoint": str(ckpt.path),
-        "checkpoint_tag": ckpt.record.get("tag"),
-        "iteration": ckpt.iteration,
-        "task_seed": eval_seed(args.split),
-        "config": {
-            k: values[k]
-            for k in ("algorithm", "dataset", "ways", "shots", "queries", "inner_lr", "preset")
-        },
-        "paper": preset.paper if preset else None,
-        **result.to_dict(),
-    }
     out_file = out_dir / f"eval_{args.split}.json"
     atomic_write_json(out_file, report)
-    scale = 100.0 if result.metric == "accuracy" else 1.0
-    unit = "%" if result.metric == "accuracy" else ""
-    paper = f" (paper: {preset.paper}{unit})" if preset and preset.paper else ""
+    metric, steps = report["metric"], report["inner_steps"]
+    scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
+    paper = report.get("paper")
+    paper_text = f" (paper: {paper}{unit})" if paper else ""
     print(
-        f"{args.split} {result.metric} {scale * result.mean:.2f}{unit} +- "
-        f"{scale * result.ci95:.2f}{unit} (95% CI, {result.num_tasks} tasks, "
-        f"{result.inner_steps} inner steps, iteration {ckpt.iteration}){paper}; "
+        f"{args.split} {metric} {_score_text(report)} (95% CI, {report['num_tasks']} tasks, "
+        f"{steps} inner steps, iteration {report['iteration']}){paper_text}; "
         f"written to {out_file}"
     )
-    if not math.isfinite(result.mean):
+    if not math.isfinite(report["mean"]):
         print(
-            f"warning: the {result.metric} is not finite: the adapted models diverge with "
-            f"{result.inner_steps} inner steps; try fewer (--inner-steps-test, '--by-step' "
+            f"warning: the {metric} is not finite: the adapted models diverge with "
+            f"{steps} inner steps; try fewer (--inner-steps-test, '--by-step' "
             "shows the metric after each step)",
             file=sys.stderr,
         )
-    if result.by_step:
-        steps = ", ".join(
+    if report["by_step"]:
+        by_step = ", ".join(
             f"{row['step']}: {scale * row['mean']:.2f} +- {scale * row['ci95']:.2f}"
-            for row in result.by_step
+            for row in report["by_step"]
         )
-        print(f"{result.metric} by inner step{' (%)' if unit else ''}: {steps}")
-    print(plot_learning_curve(run_dir, out_dir / "learning_curve.png"), file=sys.stderr)
+        print(f"{metric} by inner step{' (%)' if unit else ''}: {by_step}")
+    if baseline is not None:
+        print(_paired_text(baseline, report, f"{out_file}"))
+    print(plot_learning_curve(ckpt.run_dir, out_dir / "learning_curve.png"), file=sys.stderr)
+    return 0
+
+
+def _score_text(report: dict[str, Any]) -> str:
+    """``99.59 +- 0.12%`` for accuracy, ``0.0123 +- 0.0045`` for MSE."""
+    if report["metric"] == "accuracy":
+        return f"{100 * report['mean']:.2f}% +- {100 * report['ci95']:.2f}%"
+    return f"{report['mean']:.4g} +- {report['ci95']:.2g}"
+
+
+def _paired(
+    baseline: tuple[Path, dict[str, Any]], name: Any, report: dict[str, Any], hint: str
+) -> Any:
+    """``report - baseline`` paired per task, a ``PairedDifference``.
+
+    Reports of different tasks are refused with an error that ends in ``hint``.
+    """
+    from .train.errors import ConfigError
+    from .train.evaluate import paired_difference, unpaired_fields
+
+    base_path, base = baseline
+    differing = unpaired_fields(base, report)
+    base_cfg, cand_cfg = base.get("config") or {}, report.get("config") or {}
+    if differing or len(base["values"]) != len(report["values"]):
+        detail = ", ".join(
+            f"{k} ({base.get(k, base_cfg.get(k))} vs {report.get(k, cand_cfg.get(k))})"
+            for k in differing
+        )
+        raise ConfigError(
+            f"{base_path} and {name} did not score the same tasks ({detail or 'task count'}); "
+            + hint
+        )
+    higher_is_better = report["metric"] != "mse"
+    return paired_difference(base["values"], report["values"], higher_is_better)
+
+
+def _paired_text(
+    baseline: tuple[Path, dict[str, Any]], report: dict[str, Any], name: str, short: bool = False
+) -> str:
+    """``report - baseline`` as text, with its interval (and verdict unless ``short``)."""
+    hint = "give a --baseline evaluated with the same --split and --eval-tasks"
+    diff = _paired(baseline, name, report, hint)
+    scale, unit = (100.0, " points") if report["metric"] == "accuracy" else (1.0, "")
+    text = f"{scale * diff.mean:+.2f} +- {scale * diff.ci95:.2f}"
+    if short:
+        return text + ("" if diff.excludes_zero else " (0 inside)")
+    low, high = (scale * bound for bound in diff.interval)
+    verdict = "excludes 0" if diff.excludes_zero else "includes 0: no difference shown"
+    return (
+        f"paired against {baseline[0]}: {text}{unit} (better on {diff.better} tasks, worse "
+        f"on {diff.worse}); the interval {_interval_text(low, high)} {verdict}"
+    )
+
+
+def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] | None) -> int:
+    """``eval --which kept``: one line per kept checkpoint, scored or reused, oldest first."""
+    import time
+
+    from .train.scoring import score_kept
+    from .train.status import run_status
+
+    options = _eval_options(args)
+    run = Path(args.checkpoint).expanduser()
+    run = run.parent if run.name == "checkpoints" and not (run / "checkpoints").is_dir() else run
+    shown: set[int] = set()
+    counts = {"scored": 0, "reused": 0}
+
+    def starting(iteration: int) -> None:
+        if options.progress:
+            print(f"scoring iteration {iteration} ...", file=sys.stderr, flush=True)
+
+    while True:
+        training = args.follow and run_status(run).state == "training"
+        for score in score_kept(run, options, output=args.output, on_start=starting):
+            if score.iteration in shown:
+                continue
+            if not shown:
+                report = score.report
+                print(
+                    f"{run}: kept checkpoints, {args.split} {report['metric']} "
+                    f"({report['num_tasks']} tasks, {report['inner_steps']} inner steps)"
+                    + (f"; paired against {baseline[0]}" if baseline else "")
+                )
+            shown.add(score.iteration)
+            counts["reused" if score.reused else "scored"] += 1
+            paired = ""
+            if baseline is not None:
+                paired = "   " + _paired_text(baseline, score.report, str(score.path), True)
+            print(f"  {score.iteration:>9,}  {_score_text(score.report)}{paired}", flush=True)
+        if not training:
+            break
+        time.sleep(30)  # the run is still training: wait for its next kept checkpoint
+    where = Path(args.output) if args.output else run
+    print(
+        f"{counts['scored']} scored, {counts['reused']} already scored (same model and "
+        f"tasks); reports in {where}/kept-NNNNNNN/eval_{args.split}.json"
+    )
     return 0
 
 
@@ -650,24 +738,11 @@ def _interval_text(low: float, high: float) -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .train.errors import ConfigError
-    from .train.evaluate import paired_difference, unpaired_fields
-
     base_path, base = _read_eval_report(args.baseline, args.split)
     cand_path, cand = _read_eval_report(args.candidate, args.split)
-    differing = unpaired_fields(base, cand)
-    base_cfg, cand_cfg = base.get("config") or {}, cand.get("config") or {}
-    if differing or len(base["values"]) != len(cand["values"]):
-        detail = ", ".join(
-            f"{k} ({base.get(k, base_cfg.get(k))} vs {cand.get(k, cand_cfg.get(k))})"
-            for k in differing
-        )
-        raise ConfigError(
-            f"{base_path} and {cand_path} did not score the same tasks ({detail or 'task count'}); "
-            "evaluate both with the same --split and --eval-tasks on the same dataset setting"
-        )
+    hint = "evaluate both with the same --split and --eval-tasks on the same dataset setting"
+    diff = _paired((base_path, base), cand_path, cand, hint)
     metric, split = base["metric"], base.get("split", args.split)  # a file names its own split
-    diff = paired_difference(base["values"], cand["values"], higher_is_better=metric != "mse")
     scale, unit = (100.0, " points") if metric == "accuracy" else (1.0, "")
     low, high = (scale * bound for bound in diff.interval)
     verdict = f"the interval {_interval_text(low, high)} " + (

@@ -44,6 +44,7 @@ from .metrics import MetricsLog, plot_learning_curve, read_metrics
 from .objectives import CLASSIFICATION, REGRESSION, Objective
 from .presets import PRESETS, Preset, get_preset
 from .rng import capture_rng_state, restore_rng_state, seed_everything
+from .scoring import EvalOptions, KeptScore, score_checkpoint, score_kept
 from .status import RunStatus, format_status, run_status
 from .trainer import FitResult, MetaTrainer
 
@@ -56,8 +57,10 @@ __all__ = [
     "CheckpointManager",
     "ConfigError",
     "ConfigMismatchError",
+    "EvalOptions",
     "EvalResult",
     "FitResult",
+    "KeptScore",
     "MetaTrainer",
     "MetricsLog",
     "NonFiniteLossError",
@@ -82,6 +85,8 @@ __all__ = [
     "resolve_checkpoint",
     "restore_rng_state",
     "run_status",
+    "score_checkpoint",
+    "score_kept",
     "seed_everything",
     "unpaired_fields",
 ]

@@ -130,6 +130,108 @@ def test_kept_checkpoints_are_evaluated_into_folders_of_their_own(capsys, tmp_pa
     assert not (run / "eval_test.json").exists()  # the run's own result is not overwritten
 
 
+def _kept_rows(out):
+    """``{iteration: line}`` of the table 'eval --which kept' prints."""
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    return {int(row[0].replace(",", "")): " ".join(row[1:]) for row in rows}
+
+
+def test_eval_which_kept_scores_each_kept_checkpoint_once(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main(SINUSOID + ["--output", str(run), "--keep-every", "2"]) == 0
+    capsys.readouterr()
+    kept = ["eval", "--checkpoint", str(run), "--which", "kept", "--eval-tasks", "3"]
+    assert main(kept + ["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(_kept_rows(out)) == [2, 4]
+    assert "2 scored, 0 already scored" in out and "(3 tasks, 10 inner steps)" in out
+
+    # One learner serves every checkpoint: each report equals scoring that record alone.
+    for iteration in (2, 4):
+        report = json.loads((run / f"kept-{iteration:07d}" / "eval_test.json").read_text())
+        record = run / "checkpoints" / f"kept-{iteration:07d}.json"
+        alone = tmp_path / f"alone-{iteration}"
+        argv = ["eval", "--checkpoint", str(record), "--eval-tasks", "3", "--no-progress"]
+        assert main(argv + ["--output", str(alone)]) == 0
+        single = json.loads((alone / "eval_test.json").read_text())
+        assert report["values"] == single["values"] and report["iteration"] == iteration
+        assert report["checkpoint_sha256"] == json.loads(record.read_text())["sha256"]["model"]
+    first, second = (
+        json.loads((run / f"kept-{i:07d}" / "eval_test.json").read_text())["values"] for i in (2, 4)
+    )
+    assert first != second  # two different models, so reuse of the learner could show
+    capsys.readouterr()
+
+    # Again: nothing to score. After a resume only the new checkpoint is scored, and a
+    # report that no longer matches its model (here: edited) is scored again.
+    assert main(kept + ["--no-progress"]) == 0
+    assert "0 scored, 2 already scored" in capsys.readouterr().out
+    argv = ["train", "--resume", "--output", str(run), "--iterations", "6", "--no-progress"]
+    assert main(argv) == 0
+    path = run / "kept-0000002" / "eval_test.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), checkpoint_sha256="0")))
+    capsys.readouterr()
+    assert main(kept + ["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(_kept_rows(out)) == [2, 4, 6] and "2 scored, 1 already scored" in out
+    # Other tasks (here fewer) are another evaluation: everything is scored again.
+    assert main(kept[:-1] + ["2", "--no-progress", "--output", str(tmp_path / "two")]) == 0
+    assert "3 scored, 0 already scored" in capsys.readouterr().out
+    assert (tmp_path / "two" / "kept-0000006" / "eval_test.json").is_file()
+
+
+def test_eval_which_kept_pairs_with_a_baseline_and_names_bad_input(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main(SINUSOID + ["--output", str(run), "--keep-every", "2"]) == 0
+    kept = ["eval", "--checkpoint", str(run), "--which", "kept", "--eval-tasks", "3"]
+    base = run / "kept-0000002"
+    assert main(kept + ["--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(kept + ["--no-progress", "--baseline", str(base)]) == 0
+    rows = _kept_rows(capsys.readouterr().out)
+    assert rows[2].endswith("+0.00 +- 0.00 (0 inside)")  # itself
+    assert "+- " in rows[4].split("   ")[-1]
+
+    line = cli_error(capsys, kept[:-1] + ["4", "--baseline", str(base), "--no-progress"])
+    assert "did not score the same tasks" in line and "num_tasks (3 vs 4)" in line
+    line = cli_error(capsys, ["eval", "--checkpoint", str(run), "--follow"])
+    assert "--follow goes with --which kept" in line
+    plain = tmp_path / "plain"
+    assert main(SINUSOID + ["--output", str(plain)]) == 0
+    capsys.readouterr()
+    line = cli_error(capsys, ["eval", "--checkpoint", str(plain), "--which", "kept"])
+    assert "has no kept checkpoints" in line and "--keep-every N" in line
+    line = cli_error(capsys, ["export", "--checkpoint", str(run), "--which", "kept"])
+    assert "invalid choice: 'kept'" in line
+
+
+def test_eval_which_kept_follows_a_run_until_it_stops(capsys, tmp_path, monkeypatch):
+    import time
+
+    from paddlefsl.train.runlock import RunLock
+
+    run = tmp_path / "run"
+    assert main(SINUSOID + ["--output", str(run), "--keep-every", "2"]) == 0
+    lock = RunLock(run)
+    lock.acquire()  # the run looks as if it were still training
+    waits = []
+
+    def training_goes_on(seconds):
+        # while 'eval --follow' waits, the run trains two more kept iterations and stops
+        waits.append(seconds)
+        lock.release()
+        argv = ["train", "--resume", "--output", str(run), "--iterations", "6"]
+        assert main(argv + ["--no-progress"]) == 0
+
+    monkeypatch.setattr(time, "sleep", training_goes_on)
+    capsys.readouterr()
+    argv = ["eval", "--checkpoint", str(run), "--which", "kept", "--eval-tasks", "3"]
+    assert main(argv + ["--follow", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert len(waits) == 1 and sorted(_kept_rows(out)) == [2, 4, 6]
+    assert "3 scored, 0 already scored" in out
+
+
 def _eval_report(path, values, **changes):
     report = {
         "split": "test",
@@ -330,9 +432,8 @@ def test_metasgd_trains_resumes_evaluates_and_exports(capsys, tmp_path):
 
 
 def test_eval_warns_when_the_adapted_models_diverge(capsys, tmp_path, monkeypatch):
+    import paddlefsl.train.scoring as scoring  # where 'paddlefsl eval' calls evaluate
     from paddlefsl.train import EvalResult
-
-    evaluate_module = sys.modules["paddlefsl.train.evaluate"]  # the package's name is a function
 
     run = str(tmp_path / "run")
     assert main(SINUSOID + ["--output", run]) == 0
@@ -341,7 +442,7 @@ def test_eval_warns_when_the_adapted_models_diverge(capsys, tmp_path, monkeypatc
     def diverged(learner, tasks, inner_steps, task_type=None, **kwargs):
         return EvalResult("mse", nan, nan, nan, 2, nan, inner_steps, [nan, nan])
 
-    monkeypatch.setattr(evaluate_module, "evaluate", diverged)
+    monkeypatch.setattr(scoring, "evaluate", diverged)
     assert main(["eval", "--checkpoint", run, "--eval-tasks", "2", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "warning: the mse is not finite" in err and "--inner-steps-test" in err

@@ -1,0 +1,265 @@
+"""Score saved checkpoints on the fixed evaluation tasks and write their reports.
+
+``paddlefsl eval`` is a thin shell around this module: one checkpoint
+(:func:`score_checkpoint`), or every checkpoint a run kept with ``--keep-every``
+(:func:`score_kept`), whose reports together are the run's learning curve on the test
+tasks. A report records the checkpoint's model checksum, so a kept checkpoint that was
+already scored the same way is not scored again.
+
+Example:
+    >>> from paddlefsl.cli import main
+    >>> main(["train", "--dataset", "sinusoid", "--iterations", "4", "--keep-every", "2",
+    ...       "--output", "runs/sine", "--no-progress"])  # doctest: +SKIP
+    >>> [s.iteration for s in score_kept("runs/sine", EvalOptions(eval_tasks=10))]
+    ... # doctest: +SKIP
+    [2, 4]
+
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .builders import build_learner, build_tasks, eval_seed
+from .checkpoint import (
+    KEPT_PREFIX,
+    Checkpoint,
+    CheckpointManager,
+    atomic_write_json,
+    checkpointed_layer,
+    load_checkpoint,
+)
+from .config import RUNTIME_FIELDS, TrainConfig
+from .errors import CheckpointError, ConfigError
+from .evaluate import evaluate
+from .presets import PRESETS
+
+__all__ = [
+    "EvalOptions",
+    "KeptScore",
+    "eval_config",
+    "report_dir",
+    "score_checkpoint",
+    "score_kept",
+]
+
+#: The training configuration fields an evaluation report repeats (what it scored).
+REPORT_CONFIG = ("algorithm", "dataset", "ways", "shots", "queries", "inner_lr", "preset")
+
+#: Configuration fields that change neither the network nor the evaluation tasks.
+_IRRELEVANT = RUNTIME_FIELDS - {"eval_tasks", "data_root"}
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to evaluate: the split and what may differ from the run's configuration.
+
+    Attributes:
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        eval_tasks: Number of fixed tasks (``None``: the run's, 600 by default).
+        inner_steps_test: Adaptation steps (``None``: the run's).
+        data_root: The dataset folder, if it moved since training.
+        by_step: Also report the metric before adaptation and after every step.
+        progress: Show a progress bar over the tasks.
+
+    Example:
+        >>> EvalOptions(eval_tasks=100).split
+        'test'
+
+    """
+
+    split: str = "test"
+    eval_tasks: int | None = None
+    inner_steps_test: int | None = None
+    data_root: str | None = None
+    by_step: bool = False
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class KeptScore:
+    """The evaluation report of one kept checkpoint (see :func:`score_kept`).
+
+    Attributes:
+        iteration: The checkpoint's iteration.
+        path: Where its report is (``<run>/kept-NNNNNNN/eval_<split>.json``).
+        report: The report, as ``paddlefsl eval`` writes it.
+        reused: Whether the report was already there (same model, tasks and steps).
+
+    """
+
+    iteration: int
+    path: Path
+    report: dict[str, Any]
+    reused: bool
+
+
+def eval_config(ckpt: Checkpoint, options: EvalOptions) -> TrainConfig:
+    """The checkpoint's training configuration with the options' overrides, validated.
+
+    Raises:
+        ConfigError: the checkpoint holds no configuration (not written by
+            ``paddlefsl train``), or an override is invalid.
+
+    """
+    if not ckpt.config:
+        raise ConfigError(
+            f"{ckpt.path} has no saved configuration; it was not written by 'paddlefsl train'"
+        )
+    values = TrainConfig.from_dict(ckpt.config).to_dict()
+    for name in ("eval_tasks", "inner_steps_test", "data_root"):
+        if getattr(options, name) is not None:
+            values[name] = getattr(options, name)
+    return TrainConfig.from_dict(values).validate()
+
+
+def report_dir(ckpt: Checkpoint) -> Path:
+    """Where a checkpoint's report goes by default.
+
+    That is its run folder (an export's folder), or ``<run>/kept-NNNNNNN`` for a kept
+    checkpoint, so that scoring one never overwrites the run's own report.
+    """
+    tag = ckpt.record.get("tag") or ""
+    return ckpt.run_dir / tag if tag.startswith(KEPT_PREFIX) else ckpt.run_dir
+
+
+def score_checkpoint(
+    ckpt: Checkpoint,
+    options: EvalOptions,
+    learner: Any = None,
+    tasks: Any = None,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint on the fixed tasks of ``options.split``.
+
+    Args:
+        ckpt: A loaded checkpoint (:func:`~paddlefsl.train.load_checkpoint`).
+        options: The split and overrides.
+        learner: A learner built for this configuration, to reuse (its weights are
+            replaced by the checkpoint's); built when ``None``.
+        tasks: The fixed tasks, to reuse; built when ``None``.
+
+    Returns:
+        The evaluation report: the :class:`~paddlefsl.train.EvalResult` fields, the
+        checkpoint, its iteration and model checksum, the task seed and the setting.
+
+    """
+    config = eval_config(ckpt, options)
+    learner = build_learner(config) if learner is None else learner
+    ckpt.load_model(checkpointed_layer(learner))  # Meta-SGD: its learning rates too
+    if tasks is None:
+        tasks = build_tasks(config, options.split, num_tasks=config.eval_tasks)
+    result = evaluate(
+        learner,
+        tasks,
+        config.inner_steps_test,
+        config.task_type,
+        progress=options.progress,
+        by_step=options.by_step,
+    )
+    preset = PRESETS.get(config.preset or "")
+    values = config.to_dict()
+    return {
+        "split": options.split,
+        "checkpoint": str(ckpt.path),
+        "checkpoint_tag": ckpt.record.get("tag"),
+        "checkpoint_sha256": (ckpt.record.get("sha256") or {}).get("model"),
+        "iteration": ckpt.iteration,
+        "task_seed": eval_seed(options.split),
+        "config": {k: values[k] for k in REPORT_CONFIG},
+        "paper": preset.paper if preset else None,
+        **result.to_dict(),
+    }
+
+
+def _scored_alike(report: Any, ckpt: Checkpoint, config: TrainConfig, options: EvalOptions) -> bool:
+    """Whether ``report`` scored this very model on the tasks ``options`` asks for."""
+    if not isinstance(report, dict):
+        return False
+    model_sum = (ckpt.record.get("sha256") or {}).get("model")
+    return (
+        model_sum is not None
+        and report.get("checkpoint_sha256") == model_sum
+        and report.get("split") == options.split
+        and report.get("task_seed") == eval_seed(options.split)
+        and report.get("num_tasks") == config.eval_tasks
+        and report.get("inner_steps") == config.inner_steps_test
+        and (bool(report.get("by_step")) or not options.by_step)
+    )
+
+
+def _read_report(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # missing or half-written by an older version: score again
+
+
+def score_kept(
+    run: str | os.PathLike,
+    options: EvalOptions,
+    output: str | os.PathLike | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> Iterator[KeptScore]:
+    """Evaluate every kept checkpoint of a run (``train --keep-every``), oldest first.
+
+    Each report is written to ``<output>/kept-NNNNNNN/eval_<split>.json`` (``output``
+    defaults to the run folder) as soon as it is computed, so an interrupted call
+    loses at most the checkpoint it was scoring. A report already there for the same
+    model (checksum), split, task count and steps is reused, not recomputed.
+
+    Args:
+        run: The run folder, or its ``checkpoints`` folder.
+        options: The split and overrides, as for :func:`score_checkpoint`.
+        output: The folder that holds the ``kept-NNNNNNN`` report folders.
+        on_start: Called with the iteration before a checkpoint is scored (not for a
+            reused report), e.g. to show progress.
+
+    Yields:
+        A :class:`KeptScore` per kept checkpoint.
+
+    Raises:
+        CheckpointError: ``run`` is not a run folder or kept no checkpoint.
+
+    """
+    run_dir = Path(run).expanduser()
+    if run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():
+        run_dir = run_dir.parent
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    records = CheckpointManager(run_dir).kept()
+    if not records:
+        raise CheckpointError(
+            f"{run_dir} has no kept checkpoints (checkpoints/{KEPT_PREFIX}*.json): train with "
+            "--keep-every N to keep every N-th one (a resume may add it)"
+        )
+    root = Path(output) if output is not None else run_dir
+    setting: dict[str, Any] | None = None
+    learner: Any = None
+    tasks: Any = None
+    for record in records:
+        ckpt = load_checkpoint(record)
+        config = eval_config(ckpt, options)
+        path = root / record.stem / f"eval_{options.split}.json"
+        existing = _read_report(path)
+        if _scored_alike(existing, ckpt, config, options):
+            yield KeptScore(ckpt.iteration, path, existing, reused=True)
+            continue
+        if on_start is not None:
+            on_start(ckpt.iteration)
+        # A resume may change the runtime fields only, so the kept checkpoints of a run
+        # share one learner and one task list (the dataset is read once); of those fields
+        # the task count and the data folder decide the tasks.
+        key = {k: v for k, v in config.to_dict().items() if k not in _IRRELEVANT}
+        if key != setting:
+            setting = key
+            learner = build_learner(config)
+            tasks = build_tasks(config, options.split, num_tasks=config.eval_tasks)
+        report = score_checkpoint(ckpt, options, learner=learner, tasks=tasks)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, report)
+        yield KeptScore(ckpt.iteration, path, report, reused=False)
