@@ -657,6 +657,9 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
     """``eval --which kept``: one line per kept checkpoint, scored or reused, oldest first."""
     import time
 
+    from .train.checkpoint import CheckpointManager
+    from .train.config import load_config
+    from .train.errors import ConfigError
     from .train.scoring import score_kept
     from .train.status import run_status
 
@@ -665,6 +668,7 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
     run = run.parent if run.name == "checkpoints" and not (run / "checkpoints").is_dir() else run
     shown: set[int] = set()
     counts = {"scored": 0, "reused": 0}
+    waited_first = False
 
     def starting(iteration: int) -> None:
         if options.progress:
@@ -672,6 +676,17 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
 
     while True:
         training = args.follow and run_status(run).state == "training"
+        if training and not CheckpointManager(run).kept():
+            if not load_config(run).keep_every:
+                raise ConfigError(
+                    f"{run} keeps no checkpoints (it trains with --keep-every 0); stop it and "
+                    "resume it with --keep-every N to follow it"
+                )
+            if not waited_first:
+                print(f"{run}: waiting for the first kept checkpoint", file=sys.stderr)
+                waited_first = True
+            time.sleep(30)
+            continue
         for score in score_kept(run, options, output=args.output, on_start=starting):
             if score.iteration in shown:
                 continue

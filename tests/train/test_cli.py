@@ -231,6 +231,29 @@ def test_eval_which_kept_follows_a_run_until_it_stops(capsys, tmp_path, monkeypa
     assert len(waits) == 1 and sorted(_kept_rows(out)) == [2, 4, 6]
     assert "3 scored, 0 already scored" in out
 
+    # A run that has kept nothing yet is waited for; one that keeps nothing is an error.
+    late = tmp_path / "late"
+    assert main(SINUSOID + ["--output", str(late), "--keep-every", "6"]) == 0
+    assert not list((late / "checkpoints").glob("kept-*"))
+    lock = RunLock(late)
+    lock.acquire()
+    run = late  # training_goes_on now resumes this run (and releases its lock)
+    waits.clear()
+    capsys.readouterr()
+    argv[2] = str(late)
+    assert main(argv + ["--follow", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "waiting for the first kept checkpoint" in captured.err
+    assert len(waits) == 1 and sorted(_kept_rows(captured.out)) == [6]
+    plain = tmp_path / "plain"
+    assert main(SINUSOID + ["--output", str(plain)]) == 0
+    lock = RunLock(plain)
+    lock.acquire()
+    capsys.readouterr()
+    line = cli_error(capsys, ["eval", "--checkpoint", str(plain), "--which", "kept", "--follow"])
+    assert "keeps no checkpoints" in line and "resume it with --keep-every N" in line
+    lock.release()
+
 
 def _eval_report(path, values, **changes):
     report = {
