@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from .._filelock import is_locked
-from .checkpoint import CHECKPOINT_DIR, EXPORT_RECORD_FILE, KEPT_PREFIX, CheckpointManager
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    EXPORT_RECORD_FILE,
+    KEPT_PREFIX,
+    CheckpointManager,
+    kept_tag,
+)
 from .config import CONFIG_FILE
 from .errors import ConfigError
 from .metrics import METRICS_FILE, read_metrics
@@ -52,6 +58,9 @@ class RunStatus:
         test: ``{"iteration", "metric", "mean", "ci95", "num_tasks"}`` of the
             ``eval_test.json`` that ``paddlefsl eval`` wrote into the run folder, if any.
         kept: Iterations of the checkpoints kept for good (``--keep-every``).
+        kept_test: Test results of the kept checkpoints scored so far (``paddlefsl eval
+            --which kept`` writes ``<run>/kept-NNNNNNN/eval_test.json``): ``scored``,
+            and ``last`` and ``best`` as in ``test``.
         message: The error of a ``non_finite`` stop.
 
     """
@@ -73,6 +82,7 @@ class RunStatus:
     best: dict[str, Any] | None = None
     test: dict[str, Any] | None = None
     kept: list[int] = field(default_factory=list)
+    kept_test: dict[str, Any] | None = None
     message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,10 +160,16 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
             status.recent[status.metric] = _mean(r.get(status.metric) for r in recent)
     vals = [r for r in rows if r.get("split") == "val"]
     status.last_val = vals[-1] if vals else None
-    report = _read_json(run / "eval_test.json") or {}
-    if {"iteration", "metric", "mean", "ci95"} <= set(report):
-        keys = ("iteration", "metric", "mean", "ci95", "num_tasks")
-        status.test = {k: report.get(k) for k in keys}
+    status.test = _test_summary(run / "eval_test.json")
+    scored = [
+        summary
+        for iteration in status.kept
+        if (summary := _test_summary(run / kept_tag(iteration) / "eval_test.json"))
+    ]
+    if scored:
+        lower_is_better = scored[-1]["metric"] == "mse"
+        best = (min if lower_is_better else max)(scored, key=lambda t: t["mean"])
+        status.kept_test = {"scored": len(scored), "last": scored[-1], "best": best}
 
     pid = _training_pid(run)
     events = [r for r in rows if "event" in r]
@@ -273,6 +289,17 @@ def format_status(status: RunStatus) -> str:
             f"  test ({t['num_tasks']} tasks, eval_test.json): {t['metric']} "
             f"{_value(t['metric'], t['mean'], t['ci95'])} at iteration {t['iteration']:,}"
         )
+    if status.kept_test is not None:
+        last, best = status.kept_test["last"], status.kept_test["best"]
+        text = (
+            f"  test of kept checkpoints ({status.kept_test['scored']} of {len(status.kept)} "
+            f"scored, {last['num_tasks']} tasks): {last['metric']} "
+            f"{_value(last['metric'], last['mean'], last['ci95'])} at {last['iteration']:,}"
+        )
+        if best is not last:
+            text += f"; best {_value(best['metric'], best['mean'], best['ci95'])} at "
+            text += f"{best['iteration']:,}"
+        lines.append(text)
     saved = []
     if status.iteration is not None:
         saved.append(f"last checkpoint at iteration {status.iteration:,}")
@@ -298,6 +325,14 @@ def _training_pid(run: Path) -> int | None:
         return None
     text = lock.read_text().strip()
     return int(text) if text.isdigit() else 0  # held, by a process that wrote no pid
+
+
+def _test_summary(path: Path) -> dict[str, Any] | None:
+    """The headline of an ``eval_test.json`` (iteration, metric, mean, ci95, tasks)."""
+    report = _read_json(path) or {}
+    if not {"iteration", "metric", "mean", "ci95"} <= set(report):
+        return None
+    return {k: report.get(k) for k in ("iteration", "metric", "mean", "ci95", "num_tasks")}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -172,3 +172,23 @@ def test_status_counts_the_kept_checkpoints(tmp_path, capsys):
     capsys.readouterr()
     assert run_status(run).kept == [2, 4]
     assert "; 2 kept (iterations 2-4);" in format_status(run_status(run))
+    assert run_status(run).kept_test is None  # none scored yet
+
+    # Scored kept checkpoints: the newest one's test result, and the best when it is not.
+    argv = ["eval", "--checkpoint", str(run), "--which", "kept", "--eval-tasks", "3"]
+    assert main(argv + ["--no-progress"]) == 0
+    capsys.readouterr()
+    reports = {i: run / f"kept-{i:07d}" / "eval_test.json" for i in (2, 4)}
+    means = {i: json.loads(path.read_text())["mean"] for i, path in reports.items()}
+    kept_test = run_status(run).kept_test
+    assert kept_test["scored"] == 2 and kept_test["last"]["iteration"] == 4
+    assert kept_test["best"]["mean"] == min(means.values())  # sinusoid: MSE, lower is better
+    # make iteration 2 clearly the best, then only its result is removed
+    better = dict(json.loads(reports[2].read_text()), mean=means[4] / 10)
+    reports[2].write_text(json.dumps(better))
+    line = next(x for x in format_status(run_status(run)).splitlines() if "kept checkpoints" in x)
+    assert line.startswith("  test of kept checkpoints (2 of 2 scored, 3 tasks): mse ")
+    assert line.endswith(" at 2") and f"{means[4]:.4g} ± " in line and "; best " in line
+    reports[2].unlink()
+    kept_test = run_status(run).kept_test
+    assert kept_test["scored"] == 1 and kept_test["best"] is kept_test["last"]
