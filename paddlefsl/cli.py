@@ -560,7 +560,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.checkpoint import atomic_write_json, load_checkpoint
     from .train.errors import ConfigError
     from .train.metrics import plot_learning_curve
-    from .train.scoring import report_dir, score_checkpoint
+    from .train.scoring import kept_reports, report_dir, score_checkpoint
 
     baseline = _read_eval_report(args.baseline, args.split) if args.baseline else None
     if args.follow and args.which != "kept":
@@ -598,7 +598,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"{metric} by inner step{' (%)' if unit else ''}: {by_step}")
     if baseline is not None:
         print(_paired_text(baseline, report, f"{out_file}"))
-    print(plot_learning_curve(ckpt.run_dir, out_dir / "learning_curve.png"), file=sys.stderr)
+    tests = kept_reports(ckpt.run_dir, args.split) if args.split == "test" else []
+    curve = plot_learning_curve(ckpt.run_dir, out_dir / "learning_curve.png", tests)
+    print(curve, file=sys.stderr)
     return 0
 
 
@@ -660,7 +662,8 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
     from .train.checkpoint import CheckpointManager
     from .train.config import load_config
     from .train.errors import ConfigError
-    from .train.scoring import score_kept
+    from .train.metrics import plot_learning_curve
+    from .train.scoring import kept_reports, score_kept
     from .train.status import run_status
 
     options = _eval_options(args)
@@ -707,6 +710,9 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
             break
         time.sleep(30)  # the run is still training: wait for its next kept checkpoint
     where = Path(args.output) if args.output else run
+    if args.split == "test" and args.output is None:
+        tests = kept_reports(run)
+        print(plot_learning_curve(run, run / "learning_curve.png", tests), file=sys.stderr)
     print(
         f"{counts['scored']} scored, {counts['reused']} already scored (same model and "
         f"tasks); reports in {where}/kept-NNNNNNN/eval_{args.split}.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_learning_curve(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
+def plot_learning_curve(
+    metrics_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    tests: Sequence[Mapping[str, Any]] = (),
+) -> str:
     """Plot training loss and train / validation metric against iterations as a PNG.
 
     matplotlib is optional: without it nothing is written and the returned note says so.
@@ -79,6 +84,9 @@ def plot_learning_curve(metrics_path: str | os.PathLike, out_path: str | os.Path
     Args:
         metrics_path: ``metrics.jsonl`` or the run folder holding it.
         out_path: Where to write the PNG.
+        tests: Test results to draw with their 95% intervals, each with ``iteration``,
+            ``mean`` and ``ci95`` (the reports of ``paddlefsl eval`` on the run's kept
+            checkpoints).
 
     Returns:
         A one-line note on what was done.
@@ -129,6 +137,14 @@ def plot_learning_curve(metrics_path: str | os.PathLike, out_path: str | os.Path
                 yerr=[r.get("ci95", 0.0) for r in val],
                 fmt="o-",
                 label="val",
+            )
+        if tests:
+            ax.errorbar(
+                [offset + t["iteration"] for t in tests],
+                [t["mean"] for t in tests],
+                yerr=[t.get("ci95", 0.0) for t in tests],
+                fmt="s-",
+                label="test",
             )
         ax.set(xlabel=xlabel, ylabel=metric, title=metric)
         ax.legend()

@@ -43,6 +43,7 @@ __all__ = [
     "EvalOptions",
     "KeptScore",
     "eval_config",
+    "kept_reports",
     "report_dir",
     "score_checkpoint",
     "score_kept",
@@ -190,6 +191,25 @@ def _scored_alike(report: Any, ckpt: Checkpoint, config: TrainConfig, options: E
         and report.get("inner_steps") == config.inner_steps_test
         and (bool(report.get("by_step")) or not options.by_step)
     )
+
+
+def kept_reports(run: str | os.PathLike, split: str = "test") -> list[dict[str, Any]]:
+    """The evaluation reports already written for a run's kept checkpoints, oldest first.
+
+    Nothing is scored; see :func:`score_kept` for that.
+
+    Example:
+        >>> kept_reports("runs/does-not-exist")
+        []
+
+    """
+    run_dir = Path(run).expanduser()
+    reports = []
+    for record in CheckpointManager(run_dir).kept():
+        report = _read_report(run_dir / record.stem / f"eval_{split}.json")
+        if isinstance(report, dict) and {"iteration", "mean", "ci95"} <= set(report):
+            reports.append(report)
+    return reports
 
 
 def _read_report(path: Path) -> Any:

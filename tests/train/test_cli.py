@@ -180,6 +180,27 @@ def test_eval_which_kept_scores_each_kept_checkpoint_once(capsys, tmp_path):
     assert (tmp_path / "two" / "kept-0000006" / "eval_test.json").is_file()
 
 
+def test_eval_draws_the_kept_checkpoints_test_results(capsys, tmp_path, monkeypatch):
+    import paddlefsl.train.metrics as metrics
+
+    drawn = []
+    monkeypatch.setattr(
+        metrics, "plot_learning_curve", lambda run, png, tests=(): drawn.append((png, tests))
+    )
+    run = tmp_path / "run"
+    assert main(SINUSOID + ["--output", str(run), "--keep-every", "2"]) == 0
+    kept = ["eval", "--checkpoint", str(run), "--which", "kept", "--eval-tasks", "3"]
+    assert main(kept + ["--no-progress"]) == 0
+    png, tests = drawn[-1]
+    assert png == run / "learning_curve.png" and [t["iteration"] for t in tests] == [2, 4]
+    # a single evaluation draws them too; of the validation split, there are none
+    assert main(["eval", "--checkpoint", str(run), "--eval-tasks", "3", "--no-progress"]) == 0
+    assert [t["iteration"] for t in drawn[-1][1]] == [2, 4]
+    argv = ["eval", "--checkpoint", str(run), "--split", "val", "--eval-tasks", "3"]
+    assert main(argv + ["--no-progress"]) == 0
+    assert drawn[-1][1] == []
+
+
 def test_eval_which_kept_pairs_with_a_baseline_and_names_bad_input(capsys, tmp_path):
     run = tmp_path / "run"
     assert main(SINUSOID + ["--output", str(run), "--keep-every", "2"]) == 0

@@ -63,3 +63,30 @@ def test_plot_of_a_warm_started_run_continues_the_iterations(tmp_path, monkeypat
     loss_axes, metric_axes = figures[0].axes
     assert [list(line.get_xdata()) for line in loss_axes.lines] == [[6010, 6020], [6020]]
     assert "warm start at 6,000" in metric_axes.get_xlabel()
+
+
+def test_plot_draws_test_results_with_their_intervals(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    log = MetricsLog(tmp_path)
+    log.write({"iteration": 0, "event": "warm_start", "from_iteration": 100})
+    log.write({"iteration": 10, "split": "train", "loss": 0.1, "accuracy": 0.9})
+    log.write({"iteration": 20, "split": "train", "loss": 0.1, "accuracy": 0.9})
+    figures = []
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig)
+    )
+    tests = [
+        {"iteration": 10, "mean": 0.95, "ci95": 0.01},
+        {"iteration": 20, "mean": 0.97, "ci95": 0.02},
+    ]
+    plot_learning_curve(tmp_path, tmp_path / "curve.png", tests)
+    metric_axes = figures[0].axes[1]
+    (test,) = [c for c in metric_axes.containers if c.get_label() == "test"]
+    data_line, _, (bars,) = test.lines
+    assert list(data_line.get_xdata()) == [110, 120]  # drawn after the warm start too
+    assert list(data_line.get_ydata()) == [0.95, 0.97]
+    # one vertical bar per point, from mean - ci95 to mean + ci95
+    spans = [tuple(segment[:, 1].round(6)) for segment in bars.get_segments()]
+    assert spans == [(0.94, 0.96), (0.95, 0.99)]
