@@ -249,6 +249,11 @@ def score_kept(
     run_dir = Path(run).expanduser()
     if run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():
         run_dir = run_dir.parent
+    if run_dir.is_file():
+        raise CheckpointError(
+            f"{run_dir} is a file; the kept checkpoints are found from the run folder that "
+            "holds checkpoints/"
+        )
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
     records = CheckpointManager(run_dir).kept()

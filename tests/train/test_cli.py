@@ -222,6 +222,11 @@ def test_eval_which_kept_pairs_with_a_baseline_and_names_bad_input(capsys, tmp_p
     capsys.readouterr()
     line = cli_error(capsys, ["eval", "--checkpoint", str(plain), "--which", "kept"])
     assert "has no kept checkpoints" in line and "--keep-every N" in line
+    record = str(run / "checkpoints" / "kept-0000002.json")
+    line = cli_error(capsys, ["eval", "--checkpoint", record, "--which", "kept"])
+    assert "is a file" in line and "run folder" in line
+    line = cli_error(capsys, ["eval", "--checkpoint", str(tmp_path / "nope"), "--which", "kept"])
+    assert "does not exist" in line
     line = cli_error(capsys, ["export", "--checkpoint", str(run), "--which", "kept"])
     assert "invalid choice: 'kept'" in line
 
