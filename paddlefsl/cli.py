@@ -669,7 +669,7 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
     options = _eval_options(args)
     run = Path(args.checkpoint).expanduser()
     run = run.parent if run.name == "checkpoints" and not (run / "checkpoints").is_dir() else run
-    shown: set[int] = set()
+    shown: set[tuple[int, Any]] = set()
     counts = {"scored": 0, "reused": 0}
     waited_first = False
 
@@ -691,7 +691,8 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
             time.sleep(30)
             continue
         for score in score_kept(run, options, output=args.output, on_start=starting):
-            if score.iteration in shown:
+            seen = (score.iteration, score.report.get("checkpoint_sha256"))
+            if seen in shown:  # printed in an earlier pass (a rewritten one prints again)
                 continue
             if not shown:
                 report = score.report
@@ -700,7 +701,7 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
                     f"({report['num_tasks']} tasks, {report['inner_steps']} inner steps)"
                     + (f"; paired against {baseline[0]}" if baseline else "")
                 )
-            shown.add(score.iteration)
+            shown.add(seen)
             counts["reused" if score.reused else "scored"] += 1
             paired = ""
             if baseline is not None:
