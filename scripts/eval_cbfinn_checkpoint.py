@@ -34,7 +34,8 @@ import numpy as np
 
 #: Variable names of cbfinn/maml's Omniglot Conv4 (``maml.construct_conv_weights``): the
 #: four convolution biases are unnamed ``tf.Variable``s, the BatchNorm offsets live in the
-#: variable scopes ``model/0`` ... ``model/3`` of ``tf.contrib.layers.batch_norm``.
+#: variable scopes ``model/0`` ... ``model/3`` (named as the TensorFlow 2 port names them;
+#: :data:`TF_ALIASES` as TensorFlow 1 does).
 TF_NAMES = {
     **{f"conv{i}": f"model/conv{i}" for i in range(1, 5)},
     "b1": "model/Variable",
@@ -43,6 +44,12 @@ TF_NAMES = {
     "w5": "model/w5",
     "b5": "model/b5",
 }
+
+
+#: The offsets' names in a checkpoint of cbfinn/maml run with TensorFlow 1 itself:
+#: ``tf.contrib.layers.batch_norm(..., scope="0")`` puts them in ``model/0/``, without the
+#: ``BatchNorm`` scope that its default name (and the TensorFlow 2 port) adds.
+TF_ALIASES = {f"beta{i}": f"model/{i - 1}/beta" for i in range(1, 5)}
 
 
 def read_tf_checkpoint(prefix: str) -> dict[str, np.ndarray]:
@@ -61,12 +68,15 @@ def read_tf_checkpoint(prefix: str) -> dict[str, np.ndarray]:
         ) from None
     reader = tf.train.load_checkpoint(prefix)
     stored = reader.get_variable_to_shape_map()
-    missing = sorted(v for v in TF_NAMES.values() if v not in stored)
+    names = {
+        key: name if name in stored else TF_ALIASES.get(key, name) for key, name in TF_NAMES.items()
+    }
+    missing = sorted(v for v in names.values() if v not in stored)
     if missing:
         raise SystemExit(
             f"{prefix} is not a cbfinn/maml Omniglot Conv4 checkpoint: missing {missing}"
         )
-    return {key: reader.get_tensor(name) for key, name in TF_NAMES.items()}
+    return {key: reader.get_tensor(name) for key, name in names.items()}
 
 
 def read_arrays(path: str) -> dict[str, np.ndarray]:

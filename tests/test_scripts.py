@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -326,6 +327,35 @@ def test_cbfinn_checkpoint_names_and_errors(tmp_path):
     model = build_model(build_config(preset="maml-omniglot-5w5s", network="reference")[0])
     with pytest.raises(SystemExit, match="head.weight.*5-way"):
         script.load_into(model, arrays)
+
+
+def test_cbfinn_checkpoint_reader_takes_either_offset_naming(monkeypatch):
+    import types
+
+    import pytest
+
+    script = _cbfinn_script()
+    arrays = _random_cbfinn_arrays()
+
+    def fake_tensorflow(names):
+        class Reader:
+            def get_variable_to_shape_map(self):
+                return {name: arrays[key].shape for key, name in names.items()}
+
+            def get_tensor(self, name):
+                return arrays[next(k for k, n in names.items() if n == name)]
+
+        train = types.SimpleNamespace(load_checkpoint=lambda prefix: Reader())
+        monkeypatch.setitem(sys.modules, "tensorflow", types.SimpleNamespace(train=train))
+
+    tf1 = {**script.TF_NAMES, **script.TF_ALIASES}  # TensorFlow 1: model/0/beta, ...
+    for names in (script.TF_NAMES, tf1):
+        fake_tensorflow(names)
+        read = script.read_tf_checkpoint("logs/model1000")
+        assert all((read[key] == arrays[key]).all() for key in script.TF_NAMES)
+    fake_tensorflow({k: v for k, v in tf1.items() if k != "beta2"})
+    with pytest.raises(SystemExit, match="missing \\['model/1/beta'\\]"):
+        script.read_tf_checkpoint("logs/model1000")
 
 
 def test_cbfinn_metagradient_comparison_converts_scale_and_layout(tmp_path):
