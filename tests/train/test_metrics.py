@@ -46,43 +46,38 @@ def test_plot_with_matplotlib(tmp_path):
     assert "written" in note and (tmp_path / "curve.png").stat().st_size > 0
 
 
-def test_plot_of_a_warm_started_run_continues_the_iterations(tmp_path, monkeypatch):
+def _warm_started_figure(run, monkeypatch, from_iteration, val=(), tests=()):
+    """The figure plot_learning_curve draws for a warm-started run's log (not saved)."""
     pytest.importorskip("matplotlib")
     import matplotlib.figure
 
-    log = MetricsLog(tmp_path)
-    log.write({"iteration": 0, "event": "warm_start", "from_iteration": 6000})
+    log = MetricsLog(run)
+    log.write({"iteration": 0, "event": "warm_start", "from_iteration": from_iteration})
     log.write({"iteration": 10, "split": "train", "loss": 0.1, "accuracy": 0.9})
     log.write({"iteration": 20, "split": "train", "loss": 0.1, "accuracy": 0.9})
-    log.write({"iteration": 20, "split": "val", "loss": 0.2, "accuracy": 0.8, "ci95": 0.01})
+    for row in val:
+        log.write(row)
     figures = []
     monkeypatch.setattr(
         matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig)
     )
-    plot_learning_curve(tmp_path, tmp_path / "curve.png")
-    loss_axes, metric_axes = figures[0].axes
+    plot_learning_curve(run, run / "curve.png", tests)
+    return figures[0]
+
+
+def test_plot_of_a_warm_started_run_continues_the_iterations(tmp_path, monkeypatch):
+    val = [{"iteration": 20, "split": "val", "loss": 0.2, "accuracy": 0.8, "ci95": 0.01}]
+    loss_axes, metric_axes = _warm_started_figure(tmp_path, monkeypatch, 6000, val).axes
     assert [list(line.get_xdata()) for line in loss_axes.lines] == [[6010, 6020], [6020]]
     assert "warm start at 6,000" in metric_axes.get_xlabel()
 
 
 def test_plot_draws_test_results_with_their_intervals(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    import matplotlib.figure
-
-    log = MetricsLog(tmp_path)
-    log.write({"iteration": 0, "event": "warm_start", "from_iteration": 100})
-    log.write({"iteration": 10, "split": "train", "loss": 0.1, "accuracy": 0.9})
-    log.write({"iteration": 20, "split": "train", "loss": 0.1, "accuracy": 0.9})
-    figures = []
-    monkeypatch.setattr(
-        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig)
-    )
     tests = [
         {"iteration": 10, "mean": 0.95, "ci95": 0.01},
         {"iteration": 20, "mean": 0.97, "ci95": 0.02},
     ]
-    plot_learning_curve(tmp_path, tmp_path / "curve.png", tests)
-    metric_axes = figures[0].axes[1]
+    metric_axes = _warm_started_figure(tmp_path, monkeypatch, 100, tests=tests).axes[1]
     (test,) = [c for c in metric_axes.containers if c.get_label() == "test"]
     data_line, _, (bars,) = test.lines
     assert list(data_line.get_xdata()) == [110, 120]  # drawn after the warm start too
