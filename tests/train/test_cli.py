@@ -213,6 +213,14 @@ def test_eval_which_kept_pairs_with_a_baseline_and_names_bad_input(capsys, tmp_p
     assert rows[2].endswith("+0.00 +- 0.00 (0 inside)")  # itself
     assert "+- " in rows[4].split("   ")[-1]
 
+    # a single evaluation prints the whole comparison, as 'paddlefsl compare' would
+    record = str(run / "checkpoints" / "kept-0000004.json")
+    argv = ["eval", "--checkpoint", record, "--eval-tasks", "3", "--baseline", str(base)]
+    assert main(argv + ["--no-progress"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(f"paired against {base / 'eval_test.json'}: ")
+    assert "better on" in line and "the interval [" in line
+
     line = cli_error(capsys, kept[:-1] + ["4", "--baseline", str(base), "--no-progress"])
     assert "did not score the same tasks" in line and "num_tasks (3 vs 4)" in line
     line = cli_error(capsys, ["eval", "--checkpoint", str(run), "--follow"])
