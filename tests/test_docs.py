@@ -78,6 +78,7 @@ DOCTEST_MODULES = sorted(
             "paddlefsl.functional",
             "paddlefsl.ops",
             "paddlefsl.models",
+            "paddlefsl.train",
         )
         for name in _modules(package)
     }

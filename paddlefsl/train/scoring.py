@@ -7,12 +7,18 @@ tasks. A report records the checkpoint's model checksum, so a kept checkpoint th
 already scored the same way is not scored again.
 
 Example:
+    >>> import tempfile
     >>> from paddlefsl.cli import main
+    >>> run = tempfile.mkdtemp()
     >>> main(["train", "--dataset", "sinusoid", "--iterations", "4", "--keep-every", "2",
-    ...       "--output", "runs/sine", "--no-progress"])  # doctest: +SKIP
-    >>> [s.iteration for s in score_kept("runs/sine", EvalOptions(eval_tasks=10))]
-    ... # doctest: +SKIP
+    ...       "--meta-batch-size", "2", "--output", run, "--no-progress"])
+    ... # doctest: +ELLIPSIS
+    done: 4 iterations; ...
+    0
+    >>> [s.iteration for s in score_kept(run, EvalOptions(eval_tasks=5))]
     [2, 4]
+    >>> [s.reused for s in score_kept(run, EvalOptions(eval_tasks=5))]  # already scored
+    [True, True]
 
 """
 
@@ -147,6 +153,19 @@ def score_checkpoint(
     Returns:
         The evaluation report: the :class:`~paddlefsl.train.EvalResult` fields, the
         checkpoint, its iteration and model checksum, the task seed and the setting.
+
+    Example:
+        >>> import tempfile
+        >>> from paddlefsl.cli import main
+        >>> from paddlefsl.train import load_checkpoint
+        >>> run = tempfile.mkdtemp()
+        >>> main(["train", "--dataset", "sinusoid", "--iterations", "2", "--output", run,
+        ...       "--meta-batch-size", "2", "--no-progress"])  # doctest: +ELLIPSIS
+        done: 2 iterations; ...
+        0
+        >>> report = score_checkpoint(load_checkpoint(run), EvalOptions(eval_tasks=5))
+        >>> report["iteration"], report["metric"], len(report["values"])
+        (2, 'mse', 5)
 
     """
     config = eval_config(ckpt, options)
