@@ -560,7 +560,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.checkpoint import atomic_write_json, load_checkpoint
     from .train.errors import ConfigError
     from .train.metrics import plot_learning_curve
-    from .train.scoring import kept_reports, report_dir, score_checkpoint
+    from .train.scoring import report_dir, score_checkpoint
+    from .train.status import kept_reports
 
     baseline = _read_eval_report(args.baseline, args.split) if args.baseline else None
     if args.follow and args.which != "kept":
@@ -663,12 +664,11 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
     from .train.config import load_config
     from .train.errors import ConfigError
     from .train.metrics import plot_learning_curve
-    from .train.scoring import kept_reports, score_kept
-    from .train.status import run_status
+    from .train.scoring import run_folder, score_kept
+    from .train.status import kept_reports, run_status
 
     options = _eval_options(args)
-    run = Path(args.checkpoint).expanduser()
-    run = run.parent if run.name == "checkpoints" and not (run / "checkpoints").is_dir() else run
+    run = run_folder(args.checkpoint)
     shown: set[tuple[int, Any]] = set()
     counts = {"scored": 0, "reused": 0}
     waited_first = False

@@ -33,6 +33,7 @@ from typing import Any
 
 from .builders import build_learner, build_tasks, eval_seed
 from .checkpoint import (
+    CHECKPOINT_DIR,
     KEPT_PREFIX,
     Checkpoint,
     CheckpointManager,
@@ -49,8 +50,8 @@ __all__ = [
     "EvalOptions",
     "KeptScore",
     "eval_config",
-    "kept_reports",
     "report_dir",
+    "run_folder",
     "score_checkpoint",
     "score_kept",
 ]
@@ -114,11 +115,15 @@ def eval_config(ckpt: Checkpoint, options: EvalOptions) -> TrainConfig:
             ``paddlefsl train``), or an override is invalid.
 
     """
-    if not ckpt.config:
+    return _config_from(ckpt.config, ckpt.path, options)
+
+
+def _config_from(saved: Any, where: Path, options: EvalOptions) -> TrainConfig:
+    if not saved:
         raise ConfigError(
-            f"{ckpt.path} has no saved configuration; it was not written by 'paddlefsl train'"
+            f"{where} has no saved configuration; it was not written by 'paddlefsl train'"
         )
-    values = TrainConfig.from_dict(ckpt.config).to_dict()
+    values = TrainConfig.from_dict(saved).to_dict()
     for name in ("eval_tasks", "inner_steps_test", "data_root"):
         if getattr(options, name) is not None:
             values[name] = getattr(options, name)
@@ -196,13 +201,13 @@ def score_checkpoint(
     }
 
 
-def _scored_alike(report: Any, ckpt: Checkpoint, config: TrainConfig, options: EvalOptions) -> bool:
-    """Whether ``report`` scored this very model on the tasks ``options`` asks for."""
-    if not isinstance(report, dict):
-        return False
-    model_sum = (ckpt.record.get("sha256") or {}).get("model")
+def _scored_alike(
+    report: Any, model_sum: str | None, config: TrainConfig, options: EvalOptions
+) -> bool:
+    """Whether ``report`` scored the model of checksum ``model_sum`` on the tasks asked for."""
     return (
-        model_sum is not None
+        isinstance(report, dict)
+        and model_sum is not None
         and report.get("checkpoint_sha256") == model_sum
         and report.get("split") == options.split
         and report.get("task_seed") == eval_seed(options.split)
@@ -212,30 +217,38 @@ def _scored_alike(report: Any, ckpt: Checkpoint, config: TrainConfig, options: E
     )
 
 
-def kept_reports(run: str | os.PathLike, split: str = "test") -> list[dict[str, Any]]:
-    """The evaluation reports already written for a run's kept checkpoints, oldest first.
-
-    Nothing is scored; see :func:`score_kept` for that.
-
-    Example:
-        >>> kept_reports("runs/does-not-exist")
-        []
-
-    """
-    run_dir = Path(run).expanduser()
-    reports = []
-    for record in CheckpointManager(run_dir).kept():
-        report = _read_report(run_dir / record.stem / f"eval_{split}.json")
-        if isinstance(report, dict) and {"iteration", "mean", "ci95"} <= set(report):
-            reports.append(report)
-    return reports
-
-
-def _read_report(path: Path) -> Any:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # missing or half-written by an older version: score again
+        return None  # missing, or a report half-written by an older version: score again
+
+
+def run_folder(run: str | os.PathLike) -> Path:
+    """The run folder named by ``run`` (the folder itself or its ``checkpoints`` folder).
+
+    Raises:
+        CheckpointError: ``run`` is a file or does not exist.
+
+    Example:
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> (run / "checkpoints").mkdir()
+        >>> run_folder(run / "checkpoints") == run
+        True
+
+    """
+    run_dir = Path(run).expanduser()
+    if run_dir.name == CHECKPOINT_DIR and not (run_dir / CHECKPOINT_DIR).is_dir():
+        run_dir = run_dir.parent
+    if run_dir.is_file():
+        raise CheckpointError(
+            f"{run_dir} is a file; the kept checkpoints are found from the run folder that "
+            "holds checkpoints/"
+        )
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    return run_dir
 
 
 def score_kept(
@@ -265,16 +278,7 @@ def score_kept(
         CheckpointError: ``run`` is not a run folder or kept no checkpoint.
 
     """
-    run_dir = Path(run).expanduser()
-    if run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():
-        run_dir = run_dir.parent
-    if run_dir.is_file():
-        raise CheckpointError(
-            f"{run_dir} is a file; the kept checkpoints are found from the run folder that "
-            "holds checkpoints/"
-        )
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist")
+    run_dir = run_folder(run)
     records = CheckpointManager(run_dir).kept()
     if not records:
         raise CheckpointError(
@@ -286,13 +290,17 @@ def score_kept(
     learner: Any = None
     tasks: Any = None
     for record in records:
-        ckpt = load_checkpoint(record)
-        config = eval_config(ckpt, options)
+        # The record alone tells whether a report is still valid: a reused report reads
+        # no weights (--follow passes over every kept checkpoint again and again).
+        meta = _read_json(record) or {}
+        config = _config_from(meta.get("config"), record, options)
         path = root / record.stem / f"eval_{options.split}.json"
-        existing = _read_report(path)
-        if _scored_alike(existing, ckpt, config, options):
-            yield KeptScore(ckpt.iteration, path, existing, reused=True)
+        existing = _read_json(path)
+        model_sum = (meta.get("sha256") or {}).get("model")
+        if _scored_alike(existing, model_sum, config, options):
+            yield KeptScore(int(meta["iteration"]), path, existing, reused=True)
             continue
+        ckpt = load_checkpoint(record)  # checks the record and the files' checksums
         if on_start is not None:
             on_start(ckpt.iteration)
         # A resume may change the runtime fields only, so the kept checkpoints of a run

@@ -16,14 +16,13 @@ from .checkpoint import (
     EXPORT_RECORD_FILE,
     KEPT_PREFIX,
     CheckpointManager,
-    kept_tag,
 )
 from .config import CONFIG_FILE
 from .errors import ConfigError
 from .metrics import METRICS_FILE, read_metrics
 from .runlock import LOCK_FILE
 
-__all__ = ["RunStatus", "find_runs", "format_status", "run_status"]
+__all__ = ["RunStatus", "find_runs", "format_status", "kept_reports", "run_status"]
 
 #: Training rows averaged for the "recent" loss and metric.
 RECENT_ROWS = 10
@@ -160,12 +159,8 @@ def run_status(run_dir: str | os.PathLike, now: float | None = None) -> RunStatu
             status.recent[status.metric] = _mean(r.get(status.metric) for r in recent)
     vals = [r for r in rows if r.get("split") == "val"]
     status.last_val = vals[-1] if vals else None
-    status.test = _test_summary(run / "eval_test.json")
-    scored = [
-        summary
-        for iteration in status.kept
-        if (summary := _test_summary(run / kept_tag(iteration) / "eval_test.json"))
-    ]
+    status.test = _test_summary(_read_json(run / "eval_test.json"))
+    scored = [_test_summary(report) for report in kept_reports(run)]
     if scored:
         lower_is_better = scored[-1]["metric"] == "mse"
         best = (min if lower_is_better else max)(scored, key=lambda t: t["mean"])
@@ -327,10 +322,29 @@ def _training_pid(run: Path) -> int | None:
     return int(text) if text.isdigit() else 0  # held, by a process that wrote no pid
 
 
-def _test_summary(path: Path) -> dict[str, Any] | None:
-    """The headline of an ``eval_test.json`` (iteration, metric, mean, ci95, tasks)."""
-    report = _read_json(path) or {}
-    if not {"iteration", "metric", "mean", "ci95"} <= set(report):
+def kept_reports(run: str | os.PathLike, split: str = "test") -> list[dict[str, Any]]:
+    """The evaluation reports written for a run's kept checkpoints so far, oldest first.
+
+    ``paddlefsl eval --which kept`` writes them to ``<run>/kept-NNNNNNN/eval_<split>.json``;
+    nothing is scored here (:func:`paddlefsl.train.score_kept` does that).
+
+    Example:
+        >>> kept_reports("runs/does-not-exist")
+        []
+
+    """
+    run_dir = Path(run).expanduser()
+    reports = []
+    for record in CheckpointManager(run_dir).kept():
+        report = _read_json(run_dir / record.stem / f"eval_{split}.json")
+        if _test_summary(report) is not None:
+            reports.append(report)
+    return reports
+
+
+def _test_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The headline of an evaluation report (iteration, metric, mean, ci95, tasks)."""
+    if not isinstance(report, dict) or not {"iteration", "metric", "mean", "ci95"} <= set(report):
         return None
     return {k: report.get(k) for k in ("iteration", "metric", "mean", "ci95", "num_tasks")}
 
