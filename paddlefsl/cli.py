@@ -560,7 +560,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train.checkpoint import atomic_write_json, load_checkpoint
     from .train.errors import ConfigError
     from .train.metrics import plot_learning_curve
-    from .train.scoring import report_dir, score_checkpoint
+    from .train.scoring import eval_config, report_dir, score_checkpoint, task_fields
     from .train.status import kept_reports
 
     baseline = _read_eval_report(args.baseline, args.split) if args.baseline else None
@@ -570,7 +570,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.which == "kept":
         return _eval_kept(args, baseline)
     ckpt = load_checkpoint(args.checkpoint, which=args.which)
-    report = score_checkpoint(ckpt, _eval_options(args))
+    options = _eval_options(args)
+    if baseline is not None:  # before scoring, which can take many minutes
+        fields = task_fields(eval_config(ckpt, options), args.split)
+        _check_pairable(baseline, ckpt.path, fields, _BASELINE_HINT)
+    report = score_checkpoint(ckpt, options)
     out_dir = Path(args.output) if args.output else report_dir(ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / f"eval_{args.split}.json"
@@ -612,20 +616,26 @@ def _score_text(report: dict[str, Any]) -> str:
     return f"{report['mean']:.4g} +- {report['ci95']:.2g}"
 
 
-def _paired(
-    baseline: tuple[Path, dict[str, Any]], name: Any, report: dict[str, Any], hint: str
-) -> Any:
-    """``report - baseline`` paired per task, a ``PairedDifference``.
+#: How to mend an ``eval --baseline`` that scored other tasks.
+_BASELINE_HINT = "give a --baseline evaluated with the same --split and --eval-tasks"
 
-    Reports of different tasks are refused with an error that ends in ``hint``.
+
+def _check_pairable(
+    baseline: tuple[Path, dict[str, Any]], name: Any, report: dict[str, Any], hint: str
+) -> None:
+    """Refuse, with an error ending in ``hint``, a report of other tasks than ``baseline``'s.
+
+    ``report`` is a finished report or just its task fields
+    (:func:`paddlefsl.train.scoring.task_fields`), so the check can run before scoring.
     """
     from .train.errors import ConfigError
-    from .train.evaluate import paired_difference, unpaired_fields
+    from .train.evaluate import unpaired_fields
 
     base_path, base = baseline
     differing = unpaired_fields(base, report)
-    base_cfg, cand_cfg = base.get("config") or {}, report.get("config") or {}
-    if differing or len(base["values"]) != len(report["values"]):
+    count = len(report["values"]) if "values" in report else report["num_tasks"]
+    if differing or len(base["values"]) != count:
+        base_cfg, cand_cfg = base.get("config") or {}, report.get("config") or {}
         detail = ", ".join(
             f"{k} ({base.get(k, base_cfg.get(k))} vs {report.get(k, cand_cfg.get(k))})"
             for k in differing
@@ -634,16 +644,27 @@ def _paired(
             f"{base_path} and {name} did not score the same tasks ({detail or 'task count'}); "
             + hint
         )
+
+
+def _paired(
+    baseline: tuple[Path, dict[str, Any]], name: Any, report: dict[str, Any], hint: str
+) -> Any:
+    """``report - baseline`` paired per task, a ``PairedDifference``.
+
+    Reports of different tasks are refused with an error that ends in ``hint``.
+    """
+    from .train.evaluate import paired_difference
+
+    _check_pairable(baseline, name, report, hint)
     higher_is_better = report["metric"] != "mse"
-    return paired_difference(base["values"], report["values"], higher_is_better)
+    return paired_difference(baseline[1]["values"], report["values"], higher_is_better)
 
 
 def _paired_text(
     baseline: tuple[Path, dict[str, Any]], report: dict[str, Any], name: str, short: bool = False
 ) -> str:
     """``report - baseline`` as text, with its interval (and verdict unless ``short``)."""
-    hint = "give a --baseline evaluated with the same --split and --eval-tasks"
-    diff = _paired(baseline, name, report, hint)
+    diff = _paired(baseline, name, report, _BASELINE_HINT)
     scale, unit = (100.0, " points") if report["metric"] == "accuracy" else (1.0, "")
     text = f"{scale * diff.mean:+.2f} +- {scale * diff.ci95:.2f}"
     if short:
@@ -664,11 +685,14 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
     from .train.config import load_config
     from .train.errors import ConfigError
     from .train.metrics import plot_learning_curve
-    from .train.scoring import run_folder, score_kept
+    from .train.scoring import eval_config, run_folder, score_kept, task_fields
     from .train.status import kept_reports, run_status
 
     options = _eval_options(args)
     run = run_folder(args.checkpoint)
+    if baseline is not None:  # before scoring; each kept report is checked again
+        fields = task_fields(eval_config(run, options), args.split)
+        _check_pairable(baseline, run, fields, _BASELINE_HINT)
     shown: set[tuple[int, Any]] = set()
     counts = {"scored": 0, "reused": 0}
     waited_first = False

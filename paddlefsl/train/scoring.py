@@ -41,9 +41,10 @@ from .checkpoint import (
     checkpointed_layer,
     load_checkpoint,
 )
-from .config import RUNTIME_FIELDS, TrainConfig
+from .config import RUNTIME_FIELDS, TrainConfig, load_config
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate
+from .objectives import get_objective
 from .presets import PRESETS
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "run_folder",
     "score_checkpoint",
     "score_kept",
+    "task_fields",
 ]
 
 #: The training configuration fields an evaluation report repeats (what it scored).
@@ -107,15 +109,25 @@ class KeptScore:
     reused: bool
 
 
-def eval_config(ckpt: Checkpoint, options: EvalOptions) -> TrainConfig:
-    """The checkpoint's training configuration with the options' overrides, validated.
+def eval_config(source: Checkpoint | str | os.PathLike, options: EvalOptions) -> TrainConfig:
+    """A checkpoint's or a run's training configuration with the options' overrides.
+
+    Args:
+        source: A loaded checkpoint, or a run folder (its ``config.json``).
+        options: The overrides (task count, test steps, data folder).
+
+    Returns:
+        The validated configuration the evaluation runs with.
 
     Raises:
-        ConfigError: the checkpoint holds no configuration (not written by
-            ``paddlefsl train``), or an override is invalid.
+        ConfigError: no configuration (not written by ``paddlefsl train``), or an
+            override is invalid.
 
     """
-    return _config_from(ckpt.config, ckpt.path, options)
+    if isinstance(source, Checkpoint):
+        return _config_from(source.config, source.path, options)
+    run = run_folder(source)
+    return _config_from(load_config(run).to_dict(), run, options)
 
 
 def _config_from(saved: Any, where: Path, options: EvalOptions) -> TrainConfig:
@@ -128,6 +140,38 @@ def _config_from(saved: Any, where: Path, options: EvalOptions) -> TrainConfig:
         if getattr(options, name) is not None:
             values[name] = getattr(options, name)
     return TrainConfig.from_dict(values).validate()
+
+
+def task_fields(config: TrainConfig, split: str) -> dict[str, Any]:
+    """The fields of an evaluation report that say which tasks it scored.
+
+    Known before any scoring, so a comparison with another report (``eval --baseline``)
+    can be refused at once when the two would not score the same tasks.
+
+    Args:
+        config: The evaluation's configuration (:func:`eval_config`).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+
+    Returns:
+        ``split``, ``task_seed``, ``num_tasks``, ``metric`` and the ``config`` subset that
+        every report repeats.
+
+    Example:
+        >>> from paddlefsl.train.config import build_config
+        >>> config, _ = build_config(dataset="sinusoid", eval_tasks=5)
+        >>> fields = task_fields(config, "test")
+        >>> fields["num_tasks"], fields["metric"], fields["config"]["dataset"]
+        (5, 'mse', 'sinusoid')
+
+    """
+    values = config.to_dict()
+    return {
+        "split": split,
+        "task_seed": eval_seed(split),
+        "num_tasks": config.eval_tasks,
+        "metric": get_objective(config.task_type).metric_name,
+        "config": {k: values[k] for k in REPORT_CONFIG},
+    }
 
 
 def report_dir(ckpt: Checkpoint) -> Path:
@@ -187,15 +231,15 @@ def score_checkpoint(
         by_step=options.by_step,
     )
     preset = PRESETS.get(config.preset or "")
-    values = config.to_dict()
+    fields = task_fields(config, options.split)
     return {
         "split": options.split,
         "checkpoint": str(ckpt.path),
         "checkpoint_tag": ckpt.record.get("tag"),
         "checkpoint_sha256": (ckpt.record.get("sha256") or {}).get("model"),
         "iteration": ckpt.iteration,
-        "task_seed": eval_seed(options.split),
-        "config": {k: values[k] for k in REPORT_CONFIG},
+        "task_seed": fields["task_seed"],
+        "config": fields["config"],
         "paper": preset.paper if preset else None,
         **result.to_dict(),
     }

@@ -201,6 +201,29 @@ def test_eval_draws_the_kept_checkpoints_test_results(capsys, tmp_path, monkeypa
     assert drawn[-1][1] == []
 
 
+def test_eval_refuses_a_baseline_of_other_tasks_before_scoring(capsys, tmp_path, monkeypatch):
+    import paddlefsl.train.scoring as scoring
+
+    run = tmp_path / "run"
+    assert main(SINUSOID + ["--output", str(run), "--keep-every", "2"]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--eval-tasks", "3", "--no-progress"]) == 0
+    base = run / "eval_test.json"
+    capsys.readouterr()
+    scored = []
+    monkeypatch.setattr(scoring, "evaluate", lambda *a, **k: scored.append(a) or 1 / 0)
+    out = tmp_path / "out"
+    single = ["eval", "--checkpoint", str(run), "--eval-tasks", "4", "--output", str(out)]
+    line = cli_error(capsys, single + ["--baseline", str(base), "--no-progress"])
+    assert "did not score the same tasks" in line and "num_tasks (3 vs 4)" in line
+    other_split = single[:3] + ["--eval-tasks", "3", "--split", "val", "--no-progress"]
+    line = cli_error(capsys, other_split + ["--baseline", str(base)])
+    assert "split (test vs val)" in line and "task_seed" in line
+    kept = ["eval", "--checkpoint", str(run), "--which", "kept", "--eval-tasks", "4"]
+    line = cli_error(capsys, kept + ["--baseline", str(base), "--no-progress"])
+    assert "did not score the same tasks" in line and "num_tasks (3 vs 4)" in line
+    assert scored == [] and not out.exists() and not (run / "kept-0000002").exists()
+
+
 def test_eval_which_kept_pairs_with_a_baseline_and_names_bad_input(capsys, tmp_path):
     run = tmp_path / "run"
     assert main(SINUSOID + ["--output", str(run), "--keep-every", "2"]) == 0
