@@ -13,6 +13,15 @@ repository does not contain); the other two run with paddlefsl:
         --reference tf.npz
 
 ``--weights`` is an ``.npz`` written by ``eval_cbfinn_checkpoint.py --dump``.
+
+A float32 difference far above rounding (1e-2 of the largest entry) need not be an error
+of either code: the meta-gradient is discontinuous where an activation sits on a ReLU's
+kink, and a rounding error then picks the other side. ``precision`` tells the two apart,
+task by task, with paddlefsl alone: float32 against float64, and for each task above the
+tolerance, float64 again at weights moved by a relative 1e-6; a task whose float64
+meta-gradient jumps as far is at a kink:
+
+    python scripts/cbfinn_metagradient.py precision --weights ref16000.npz --tasks tasks.npz
 ``--implementation eager`` computes the same meta-gradient with TensorFlow eager ops written
 here (SAME convolutions, batch-statistics BatchNorm without scale, offsets outside the
 inner step), in float64 with ``--dtype float64``: a precision reference for both codes.
@@ -120,6 +129,73 @@ def compare(
         if counted:
             worst = max(worst, rel)
     return rows, worst
+
+
+def relative_difference(
+    grads: dict[str, np.ndarray], reference: dict[str, np.ndarray], floor: float = 1e-4
+) -> float:
+    """The largest ``max |grads - reference| / max |reference|`` over the parameters.
+
+    Parameters whose reference is below ``floor`` times the largest entry of all are left
+    out (the conv biases before BatchNorm: zero in exact arithmetic), as in :func:`compare`.
+    """
+    largest = max(float(np.abs(v).max()) for v in reference.values())
+    worst = 0.0
+    for key, want in reference.items():
+        scale = float(np.abs(want).max())
+        if scale >= floor * largest:
+            worst = max(worst, float(np.abs(grads[key] - want).max()) / scale)
+    return worst
+
+
+def task_precision(
+    weights: dict[str, np.ndarray],
+    tasks: dict[str, np.ndarray],
+    tolerance: float = 1e-3,
+    perturbation: float = 1e-6,
+    probes: int = 4,
+    seed: int = 0,
+    metagradient: Any = None,
+) -> list[tuple[int, float, float | None]]:
+    """Per task: float32's difference from float64, and for a large one, float64's own jump.
+
+    Args:
+        weights: cbfinn/maml's arrays (``read_arrays``).
+        tasks: The meta-batch (``write_tasks``'s arrays).
+        tolerance: A float32 difference above this is probed.
+        perturbation: Relative size of the random weight moves of a probe.
+        probes: How many moves; the largest float64 jump is reported.
+        seed: Seed of the moves.
+        metagradient: ``(weights, tasks, dtype) -> grads``; paddlefsl's by default.
+
+    Returns:
+        ``(task, float32 difference, float64 jump or None when not probed)`` per task. A
+        jump as large as the difference means the task sits at a kink of the
+        meta-gradient: the difference is the function's, not a rounding error.
+
+    """
+    if metagradient is None:
+
+        def metagradient(w: dict, t: dict, dtype: str) -> dict:
+            return paddle_metagradient(w, t, "same", dtype)[0]
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(len(tasks["support_x"])):
+        one = {k: v[index : index + 1] for k, v in tasks.items()}
+        exact = metagradient(weights, one, "float64")
+        difference = relative_difference(metagradient(weights, one, "float32"), exact)
+        jump = None
+        if difference > tolerance:
+            jump = 0.0
+            for _ in range(probes):
+                moved = {
+                    k: (v * (1 + perturbation * rng.standard_normal(v.shape))).astype(v.dtype)
+                    for k, v in weights.items()
+                }
+                jump = max(jump, relative_difference(metagradient(moved, one, "float64"), exact))
+        rows.append((index, difference, jump))
+    return rows
 
 
 def tf_metagradient(
@@ -235,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     compare_step.add_argument("--reference", required=True, help="the tf step's output")
     compare_step.add_argument("--conv-padding", choices=("same", "symmetric"), default="same")
     compare_step.add_argument("--tolerance", type=float, default=1e-3)
+    precision = sub.add_parser("precision", help="paddlefsl float32 against float64, per task")
+    precision.add_argument("--weights", required=True, help=".npz of eval_cbfinn --dump")
+    precision.add_argument("--tasks", required=True)
+    precision.add_argument("--tolerance", type=float, default=1e-3)
+    precision.add_argument("--perturbation", type=float, default=1e-6)
+    precision.add_argument("--probes", type=int, default=4)
     args = parser.parse_args(argv)
 
     if args.command == "tasks":
@@ -244,6 +326,27 @@ def main(argv: list[str] | None = None) -> int:
     weights = read_arrays(args.weights)
     with np.load(args.tasks) as data:
         batch = {k: data[k] for k in TASK_KEYS}
+    if args.command == "precision":
+        rows = task_precision(weights, batch, args.tolerance, args.perturbation, args.probes)
+        unexplained = 0
+        for index, difference, jump in rows:
+            if jump is None:
+                print(f"  task {index:3d}: float32 - float64 {difference:.2e}")
+                continue
+            kink = jump >= difference / 2
+            unexplained += not kink
+            verdict = "a kink: the function's own jump" if kink else "NOT explained by a kink"
+            print(
+                f"  task {index:3d}: float32 - float64 {difference:.2e}; float64 moves "
+                f"{jump:.2e} under a relative {args.perturbation:g} weight change: {verdict}"
+            )
+        worst = max((d for _, d, j in rows if j is None), default=0.0)
+        probed = sum(jump is not None for _, _, jump in rows)
+        print(
+            f"{len(rows)} tasks; {probed} above {args.tolerance:g}, {unexplained} of them not "
+            f"at a kink; the others' worst {worst:.2e}"
+        )
+        return 0 if unexplained == 0 else 1
     if args.command == "tf":
         result = tf_metagradient(weights, batch, args.implementation, args.dtype, args.cbfinn)
         np.savez(args.output, **{k: np.asarray(v, np.float64) for k, v in result.items()})

@@ -224,14 +224,6 @@ def test_eval_character_subsets_keeps_only_the_chosen_characters():
 
 
 # ------------------------------------------------------------- eval_cbfinn_checkpoint.py
-def _script(name: str):
-    path = ROOT / f"scripts/{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _cbfinn_script():
     return _script("eval_cbfinn_checkpoint")
 
@@ -394,3 +386,46 @@ def test_cbfinn_metagradient_comparison_converts_scale_and_layout(tmp_path):
     argv += [str(tmp_path / "tasks.npz"), "--reference", str(tmp_path / "reference.npz")]
     assert script.main(argv) == 0
     assert script.main([*argv, "--conv-padding", "symmetric"]) == 1
+
+
+def test_cbfinn_metagradient_precision_tells_a_kink_from_a_rounding_error(tmp_path, capsys):
+    import numpy as np
+    import pytest
+
+    script = _script("cbfinn_metagradient")
+
+    def fake(weights, tasks, padding, dtype):
+        """Task 0 rounds, task 1 sits on a kink at a = 1, task 2 is off in float32 only."""
+        task, a = int(tasks["support_x"][0, 0]), float(weights["a"][0])
+        value = 1.0
+        if task == 1:
+            value = 1.0 if (a > 1.0 or dtype == "float32") else 1.1
+        if task == 2 and dtype == "float32":
+            value = 1.1
+        if task == 0 and dtype == "float32":
+            value += 1e-7
+        return {"g": np.array([value, 2.0]), "zero": np.zeros(2)}, 0.0
+
+    weights = {"a": np.array([1.0])}
+    tasks = {k: np.arange(3.0).reshape(3, 1) for k in script.TASK_KEYS}
+    rows = script.task_precision(
+        weights, tasks, metagradient=lambda w, t, d: fake(w, t, "same", d)[0], probes=8
+    )
+    (t0, d0, j0), (t1, d1, j1), (t2, d2, j2) = rows
+    assert (t0, t1, t2) == (0, 1, 2)
+    assert d0 == pytest.approx(5e-8) and j0 is None  # below the tolerance: not probed
+    assert d1 == pytest.approx(0.05) and j1 == pytest.approx(0.05)  # the kink's own jump
+    assert d2 == pytest.approx(0.05) and j2 == 0.0  # smooth in float64: a real difference
+
+    np.savez(tmp_path / "weights.npz", **weights)
+    np.savez(tmp_path / "tasks.npz", **tasks)
+    script.read_arrays = lambda path: dict(np.load(path))
+    script.paddle_metagradient = fake
+    argv = ["precision", "--weights", str(tmp_path / "weights.npz")]
+    assert script.main([*argv, "--tasks", str(tmp_path / "tasks.npz")]) == 1
+    out = capsys.readouterr().out
+    assert "task   1" in out and "a kink" in out and "NOT explained by a kink" in out
+    assert "3 tasks; 2 above 0.001, 1 of them not at a kink" in out
+    two = {k: v[:2] for k, v in tasks.items()}
+    np.savez(tmp_path / "tasks.npz", **two)
+    assert script.main([*argv, "--tasks", str(tmp_path / "tasks.npz")]) == 0
