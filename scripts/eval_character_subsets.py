@@ -13,6 +13,12 @@ of that size adds to the number, which the usual 600-task interval does not incl
 ``--subsets 0`` only re-evaluates the whole split with the evaluation seed, which must
 reproduce the checkpoint's ``paddlefsl eval`` number exactly (a check of this script).
 
+``--only FILE`` evaluates one chosen subset instead: the test characters listed in FILE
+(``Alphabet/characterNN``, one per line; others are ignored), on ``--tasks`` tasks of a
+fixed seed, so that two checkpoints scored with the same file are scored on the same
+tasks. The output then holds the per-task values, which ``paddlefsl compare`` pairs. For
+example, the test characters a model trained on against those it never saw.
+
 Example:
     python scripts/eval_character_subsets.py zoo/maml-omniglot-5w5s --data-root DATA/omniglot \
         --subsets 40 --characters 100 --output spread.json
@@ -94,6 +100,58 @@ class DistinctCharacterTasks:
         )
 
 
+def read_characters(parser: argparse.ArgumentParser, path: str) -> set[str]:
+    """The characters listed in ``path``, one per line (blank lines and ``#`` skipped)."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as error:
+        parser.error(f"cannot read --only {path}: {error}")
+    listed = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    if not listed:
+        parser.error(f"--only {path} lists no characters")
+    return listed
+
+
+def evaluate_listed(args, config, ckpt, learner, listed: set[str], parser) -> int:
+    """``--only``: score the listed test characters on fixed tasks; write per-task values."""
+    dataset = build_dataset(config, "test")
+    characters = {character_of(n) for n in dataset.class_names}
+    chosen = listed & characters
+    if len(chosen) < config.ways:
+        parser.error(
+            f"--only {args.only}: {len(chosen)} of its {len(listed)} characters are test "
+            f"characters, fewer than the {config.ways} a task needs (names look like "
+            f"{sorted(characters)[0]!r})"
+        )
+    subset = character_subset(dataset, chosen)
+    make = DistinctCharacterTasks if args.sampling == "characters" else TaskSampler
+    sampler = make(subset, config.ways, config.shots, config.queries, seed=ONLY_SEED)
+    result = evaluate(learner, FixedTasks(sampler, args.tasks), config.inner_steps_test)
+    print(
+        f"{len(chosen)} of the {len(characters)} test characters ({len(listed) - len(chosen)} "
+        f"listed ones are not test characters): {100 * result.mean:.2f} +- "
+        f"{100 * result.ci95:.2f}% ({args.tasks} tasks, sampling {args.sampling})"
+    )
+    if args.output:
+        report = {
+            **result.to_dict(),
+            "split": f"test characters of {args.only}",
+            "task_seed": ONLY_SEED,
+            "sampling": args.sampling,
+            "characters": len(chosen),
+            "checkpoint": str(ckpt.path),
+            "iteration": ckpt.iteration,
+            "config": {k: getattr(config, k) for k in ("dataset", "ways", "shots", "queries")},
+        }
+        with open(args.output, "w") as f:
+            f.write(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+#: Task seed of ``--only`` (any fixed value: both checkpoints of a comparison use it).
+ONLY_SEED = 20171019
+
+
 def main(argv: list[str] | None = None) -> int:
     """Evaluate the checkpoint on random character subsets; print and save the spread."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -110,10 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         help="characters: distinct characters, one random rotation each (cbfinn/maml); "
         "classes: paddlefsl's sampler (rotations are classes)",
     )
+    parser.add_argument(
+        "--only",
+        metavar="FILE",
+        help="evaluate only the test characters listed in FILE (one subset, fixed tasks)",
+    )
     parser.add_argument("--cores", type=int, default=1)
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
     use_cores(args.cores)
+    listed = read_characters(parser, args.only) if args.only else None
 
     ckpt = load_checkpoint(args.checkpoint, which=args.which)
     values = TrainConfig.from_dict(ckpt.config).to_dict()
@@ -125,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.load_model(checkpointed_layer(learner))
     steps = config.inner_steps_test
 
+    if listed is not None:
+        return evaluate_listed(args, config, ckpt, learner, listed, parser)
     full = evaluate(learner, build_tasks(config, "test", num_tasks=args.tasks), steps)
     print(f"whole test split: {100 * full.mean:.2f} +- {100 * full.ci95:.2f}%", flush=True)
     if args.subsets == 0:

@@ -223,6 +223,64 @@ def test_eval_character_subsets_keeps_only_the_chosen_characters():
     assert pixels.tolist() == subset.labels.tolist()
 
 
+def test_eval_character_subsets_only_scores_the_listed_characters_on_fixed_tasks(
+    tmp_path, capsys, monkeypatch
+):
+    import argparse
+    import types
+
+    import pytest
+
+    from paddlefsl.train.config import build_config
+    from paddlefsl.train.evaluate import EvalResult
+
+    spread = _script("eval_character_subsets")
+    dataset, names = _rotated_characters(characters=9, drawings=10)
+    monkeypatch.setattr(spread, "build_dataset", lambda config, split: dataset)
+    seen = []
+
+    def fake_evaluate(learner, tasks, steps):
+        classes = [tasks[i].classes.tolist() for i in range(len(tasks))]
+        seen.append(classes)
+        return EvalResult.from_values("accuracy", [0.5 + 0.1 * i for i in range(len(tasks))], 0, 3)
+
+    monkeypatch.setattr(spread, "evaluate", fake_evaluate)
+    config, _ = build_config("maml-omniglot-5w5s")
+    ckpt = types.SimpleNamespace(path="run/checkpoints/last.json", iteration=7)
+    listed = tmp_path / "chars.txt"
+    chosen = [f"Alpha/character{c:02d}" for c in (0, 2, 3, 5, 6, 8)]
+    listed.write_text("# six of nine\n" + "\n".join(chosen + ["Other/character01"]) + "\n")
+    parser = argparse.ArgumentParser()
+    out = tmp_path / "only.json"
+    args = argparse.Namespace(only=str(listed), tasks=4, sampling="classes", output=str(out))
+    characters = spread.read_characters(parser, str(listed))
+    assert characters == {*chosen, "Other/character01"}
+    assert spread.evaluate_listed(args, config, ckpt, None, characters, parser) == 0
+    assert "6 of the 9 test characters (1 listed ones are not test characters)" in (
+        capsys.readouterr().out
+    )
+    report = json.loads(out.read_text())
+    assert report["values"] == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert report["task_seed"] == spread.ONLY_SEED and report["iteration"] == 7
+    assert report["characters"] == 6 and report["config"]["shots"] == 5
+    # Every task is drawn from the listed characters, and the tasks are the same each time.
+    drawn = {spread.character_of(names[c]) for task in seen[0] for c in task}
+    assert drawn <= set(chosen) and len(drawn) >= 5
+    spread.evaluate_listed(args, config, ckpt, None, characters, parser)
+    assert seen[1] == seen[0]
+
+    listed.write_text("Alpha/character01\nAlpha/character02\n")
+    with pytest.raises(SystemExit):
+        spread.evaluate_listed(
+            args, config, ckpt, None, spread.read_characters(parser, str(listed)), parser
+        )
+    assert "2 of its 2 characters are test characters, fewer than the 5" in capsys.readouterr().err
+    listed.write_text("# nothing\n")
+    with pytest.raises(SystemExit):
+        spread.read_characters(parser, str(listed))
+    assert "lists no characters" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------- eval_cbfinn_checkpoint.py
 def _cbfinn_script():
     return _script("eval_cbfinn_checkpoint")
