@@ -44,7 +44,7 @@ from .metrics import MetricsLog, plot_learning_curve, read_metrics
 from .objectives import CLASSIFICATION, REGRESSION, Objective
 from .presets import PRESETS, Preset, get_preset
 from .rng import capture_rng_state, restore_rng_state, seed_everything
-from .scoring import EvalOptions, KeptScore, score_checkpoint, score_kept
+from .scoring import EvalOptions, KeptScore, eval_config, score_checkpoint, score_kept, task_fields
 from .status import RunStatus, format_status, run_status
 from .trainer import FitResult, MetaTrainer
 
@@ -73,6 +73,7 @@ __all__ = [
     "build_config",
     "capture_rng_state",
     "confidence_interval",
+    "eval_config",
     "evaluate",
     "export_checkpoint",
     "format_status",
@@ -87,6 +88,7 @@ __all__ = [
     "run_status",
     "score_checkpoint",
     "score_kept",
+    "task_fields",
     "seed_everything",
     "unpaired_fields",
 ]
