@@ -14,6 +14,14 @@ repository does not contain); the other two run with paddlefsl:
 
 ``--weights`` is an ``.npz`` written by ``eval_cbfinn_checkpoint.py --dump``.
 
+``--implementation eager`` computes the same meta-gradient with TensorFlow eager ops written
+here (SAME convolutions, batch-statistics BatchNorm without scale, offsets outside the
+inner step), in float64 with ``--dtype float64``: a precision reference for both codes.
+
+cbfinn/maml's losses are summed over a task's queries and divided by the shots, five times
+paddlefsl's mean at 5-way 5-shot; its inner learning rate 0.4 is paddlefsl's 2.0. A ``tf``
+result is stored in cbfinn/maml's scale and layout; ``compare`` converts it.
+
 A float32 difference far above rounding (1e-2 of the largest entry) need not be an error
 of either code: the meta-gradient is discontinuous where an activation sits on a ReLU's
 kink, and a rounding error then picks the other side. ``precision`` tells the two apart,
@@ -22,13 +30,6 @@ tolerance, float64 again at weights moved by a relative 1e-6; a task whose float
 meta-gradient jumps as far is at a kink:
 
     python scripts/cbfinn_metagradient.py precision --weights ref16000.npz --tasks tasks.npz
-``--implementation eager`` computes the same meta-gradient with TensorFlow eager ops written
-here (SAME convolutions, batch-statistics BatchNorm without scale, offsets outside the
-inner step), in float64 with ``--dtype float64``: a precision reference for both codes.
-
-cbfinn/maml's losses are summed over a task's queries and divided by the shots, five times
-paddlefsl's mean at 5-way 5-shot; its inner learning rate 0.4 is paddlefsl's 2.0. A ``tf``
-result is stored in cbfinn/maml's scale and layout; ``compare`` converts it.
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def cbfinn_layout(grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def compare(
     grads: dict[str, np.ndarray], reference: dict[str, np.ndarray], floor: float = 1e-4
 ) -> tuple[list[tuple[str, float, float, bool]], float]:
+    """:func:`differences` from a ``tf`` result (cbfinn/maml's scale and layout)."""
+    wanted = paddle_state({k: v / LOSS_SCALE for k, v in reference.items() if k in TF_NAMES})
+    return differences(grads, wanted, floor)
+
+
+def differences(
+    grads: dict[str, np.ndarray], reference: dict[str, np.ndarray], floor: float = 1e-4
+) -> tuple[list[tuple[str, float, float, bool]], float]:
     """Per-parameter rows (key, largest reference entry, difference, counted); the worst.
 
     The relative difference divides by the largest entry of that parameter's reference
@@ -118,10 +127,9 @@ def compare(
     all (a convolution bias right before BatchNorm has an exactly zero gradient, so both
     codes return rounding noise) are listed but left out of the worst.
     """
-    wanted = paddle_state({k: v / LOSS_SCALE for k, v in reference.items() if k in TF_NAMES})
-    largest = max(float(np.abs(v).max()) for v in wanted.values())
+    largest = max(float(np.abs(v).max()) for v in reference.values())
     rows, worst = [], 0.0
-    for key, want in wanted.items():
+    for key, want in reference.items():
         scale = float(np.abs(want).max())
         rel = float(np.abs(grads[key] - want).max()) / max(scale, 1e-300)
         counted = scale >= floor * largest
@@ -129,23 +137,6 @@ def compare(
         if counted:
             worst = max(worst, rel)
     return rows, worst
-
-
-def relative_difference(
-    grads: dict[str, np.ndarray], reference: dict[str, np.ndarray], floor: float = 1e-4
-) -> float:
-    """The largest ``max |grads - reference| / max |reference|`` over the parameters.
-
-    Parameters whose reference is below ``floor`` times the largest entry of all are left
-    out (the conv biases before BatchNorm: zero in exact arithmetic), as in :func:`compare`.
-    """
-    largest = max(float(np.abs(v).max()) for v in reference.values())
-    worst = 0.0
-    for key, want in reference.items():
-        scale = float(np.abs(want).max())
-        if scale >= floor * largest:
-            worst = max(worst, float(np.abs(grads[key] - want).max()) / scale)
-    return worst
 
 
 def task_precision(
@@ -184,7 +175,7 @@ def task_precision(
     for index in range(len(tasks["support_x"])):
         one = {k: v[index : index + 1] for k, v in tasks.items()}
         exact = metagradient(weights, one, "float64")
-        difference = relative_difference(metagradient(weights, one, "float32"), exact)
+        difference = differences(metagradient(weights, one, "float32"), exact)[1]
         jump = None
         if difference > tolerance:
             jump = 0.0
@@ -193,7 +184,7 @@ def task_precision(
                     k: (v * (1 + perturbation * rng.standard_normal(v.shape))).astype(v.dtype)
                     for k, v in weights.items()
                 }
-                jump = max(jump, relative_difference(metagradient(moved, one, "float64"), exact))
+                jump = max(jump, differences(metagradient(moved, one, "float64"), exact)[1])
         rows.append((index, difference, jump))
     return rows
 

@@ -40,7 +40,7 @@ from paddlefsl.train import load_checkpoint
 from paddlefsl.train.builders import build_dataset, build_learner, build_tasks
 from paddlefsl.train.checkpoint import checkpointed_layer
 from paddlefsl.train.config import TrainConfig
-from paddlefsl.train.evaluate import evaluate
+from paddlefsl.train.evaluate import SAME_SETTING, evaluate
 
 
 def character_of(class_name: str) -> str:
@@ -141,7 +141,7 @@ def evaluate_listed(args, config, ckpt, learner, listed: set[str], parser) -> in
             "characters": len(chosen),
             "checkpoint": str(ckpt.path),
             "iteration": ckpt.iteration,
-            "config": {k: getattr(config, k) for k in ("dataset", "ways", "shots", "queries")},
+            "config": {k: getattr(config, k) for k in SAME_SETTING},
         }
         with open(args.output, "w") as f:
             f.write(json.dumps(report, indent=1) + "\n")

@@ -88,7 +88,7 @@ __all__ = [
     "run_status",
     "score_checkpoint",
     "score_kept",
-    "task_fields",
     "seed_everything",
+    "task_fields",
     "unpaired_fields",
 ]
