@@ -690,9 +690,12 @@ def _eval_kept(args: argparse.Namespace, baseline: tuple[Path, dict[str, Any]] |
 
     options = _eval_options(args)
     run = run_folder(args.checkpoint)
-    if baseline is not None:  # before scoring; each kept report is checked again
-        fields = task_fields(eval_config(run, options), args.split)
-        _check_pairable(baseline, run, fields, _BASELINE_HINT)
+    if baseline is not None:  # before scoring; each new kept report is checked again
+        # The run's config stands for the checkpoints still to come; each kept record holds
+        # the config it was trained with (a resume may have changed --eval-tasks).
+        for source in (run, *CheckpointManager(run).kept()):
+            fields = task_fields(eval_config(source, options), args.split)
+            _check_pairable(baseline, source, fields, _BASELINE_HINT)
     shown: set[tuple[int, Any]] = set()
     counts = {"scored": 0, "reused": 0}
     waited_first = False

@@ -119,6 +119,14 @@ def _deserialize(data: bytes) -> Any:
     return paddle.load(io.BytesIO(data))
 
 
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether the file at ``path`` already holds exactly ``data``."""
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -344,7 +352,11 @@ class CheckpointManager:
             files["optimizer"] = f"{stem}.pdopt"
             blobs["optimizer"] = _serialize(_rename_state(optimizer.state_dict(), model))
         for key, data in blobs.items():
-            atomic_write_bytes(self.directory / files[key], data)
+            path = self.directory / files[key]
+            # A kept or best checkpoint often coincides with the "last" one just written for
+            # the same iteration: reading back is much cheaper than a rewrite and an fsync.
+            if not _holds(path, data):
+                atomic_write_bytes(path, data)
         record = {
             "format": FORMAT,
             "iteration": int(iteration),
@@ -373,9 +385,11 @@ class CheckpointManager:
         out = []
         for path in self.directory.glob("*.json"):
             try:
-                out.append(json.loads(path.read_text()))
+                record = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
+            if isinstance(record, dict):
+                out.append(record)
         return out
 
     def _prune(self) -> None:

@@ -113,7 +113,8 @@ def eval_config(source: Checkpoint | str | os.PathLike, options: EvalOptions) ->
     """A checkpoint's or a run's training configuration with the options' overrides.
 
     Args:
-        source: A loaded checkpoint, or a run folder (its ``config.json``).
+        source: A loaded checkpoint, a checkpoint record (``checkpoints/*.json``, read
+            without its weights) or a run folder (its ``config.json``).
         options: The overrides (task count, test steps, data folder).
 
     Returns:
@@ -126,6 +127,8 @@ def eval_config(source: Checkpoint | str | os.PathLike, options: EvalOptions) ->
     """
     if isinstance(source, Checkpoint):
         return _config_from(source.config, source.path, options)
+    if Path(source).suffix == ".json" and Path(source).is_file():
+        return _config_from((_read_json(Path(source)) or {}).get("config"), source, options)
     run = run_folder(source)
     return _config_from(load_config(run).to_dict(), run, options)
 
@@ -337,7 +340,7 @@ def score_kept(
         # The record alone tells whether a report is still valid: a reused report reads
         # no weights (--follow passes over every kept checkpoint again and again).
         meta = _read_json(record) or {}
-        config = _config_from(meta.get("config"), record, options)
+        config = eval_config(record, options)
         path = root / record.stem / f"eval_{options.split}.json"
         existing = _read_json(path)
         model_sum = (meta.get("sha256") or {}).get("model")

@@ -75,6 +75,38 @@ def test_crash_between_binaries_and_record(tmp_path, monkeypatch):
     assert names == ["iter-0000003.pdopt", "iter-0000003.pdparams", "last.json"]
 
 
+def test_a_second_tag_for_the_same_bytes_writes_no_binary_again(tmp_path, monkeypatch):
+    net, opt = _net_and_opt()
+    manager = CheckpointManager(tmp_path)
+    writes = []
+    real_write = ckpt_module.atomic_write_bytes
+
+    def counting_write(path, data):
+        if not path.name.endswith(".json"):  # records are rewritten each time, by design
+            writes.append(path.name)
+        real_write(path, data)
+
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", counting_write)
+    manager.save(["last"], net, opt, iteration=5)
+    assert writes == ["iter-0000005.pdparams", "iter-0000005.pdopt"]
+    manager.save(["kept-0000005"], net, opt, iteration=5)  # same weights, same iteration
+    assert len(writes) == 2
+    assert manager.load("kept-0000005").iteration == 5
+
+    # Other bytes under the same name (weights changed, or a truncated file) are rewritten.
+    net[0].bias.set_value(net[0].bias.numpy() + 1.0)
+    manager.save(["best"], net, opt, iteration=5)
+    assert writes[2:] == ["iter-0000005.pdparams"]
+    path = tmp_path / "checkpoints" / "iter-0000005.pdopt"
+    path.write_bytes(path.read_bytes()[:10])
+    manager.save(["last"], net, opt, iteration=5)
+    assert writes[3:] == ["iter-0000005.pdopt"]
+    for tag in ("last", "best"):  # every record's checksums match the files on disk
+        np.testing.assert_array_equal(
+            manager.load(tag).model_state["0.bias"].numpy(), net[0].bias.numpy()
+        )
+
+
 def test_refuses_to_save_non_finite_weights(tmp_path):
     net, opt = _net_and_opt()
     manager = CheckpointManager(tmp_path)

@@ -224,6 +224,33 @@ def test_eval_refuses_a_baseline_of_other_tasks_before_scoring(capsys, tmp_path,
     assert scored == [] and not out.exists() and not (run / "kept-0000002").exists()
 
 
+def test_eval_which_kept_checks_every_kept_record_before_scoring(capsys, tmp_path, monkeypatch):
+    import paddlefsl.train.scoring as scoring
+
+    run = tmp_path / "run"
+    first = SINUSOID + ["--output", str(run), "--keep-every", "2", "--eval-tasks", "3"]
+    assert main(first) == 0
+    # The resume changes --eval-tasks: kept-0000006 (and the run's config) say 5 tasks,
+    # kept-0000002 and kept-0000004 still say 3.
+    resume = ["train", "--resume", "--output", str(run), "--iterations", "6"]
+    assert main(resume + ["--eval-tasks", "5", "--no-progress"]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--no-progress"]) == 0
+    base = run / "eval_test.json"
+    assert json.loads(base.read_text())["num_tasks"] == 5
+    capsys.readouterr()
+    scored = []
+    monkeypatch.setattr(scoring, "evaluate", lambda *a, **k: scored.append(a) or 1 / 0)
+    kept = ["eval", "--checkpoint", str(run), "--which", "kept", "--baseline", str(base)]
+    line = cli_error(capsys, kept + ["--no-progress"])
+    assert "kept-0000002.json did not score the same tasks" in line
+    assert "num_tasks (5 vs 3)" in line
+    assert scored == [] and not (run / "kept-0000002").exists()
+    monkeypatch.undo()
+    # With --eval-tasks every kept checkpoint scores the baseline's tasks.
+    assert main(kept + ["--eval-tasks", "5", "--no-progress"]) == 0
+    assert sorted(_kept_rows(capsys.readouterr().out)) == [2, 4, 6]
+
+
 def test_eval_which_kept_pairs_with_a_baseline_and_names_bad_input(capsys, tmp_path):
     run = tmp_path / "run"
     assert main(SINUSOID + ["--output", str(run), "--keep-every", "2"]) == 0
