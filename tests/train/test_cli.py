@@ -224,6 +224,24 @@ def test_eval_refuses_a_baseline_of_other_tasks_before_scoring(capsys, tmp_path,
     assert scored == [] and not out.exists() and not (run / "kept-0000002").exists()
 
 
+def test_training_writes_each_checkpoint_file_once(tmp_path, monkeypatch):
+    from paddlefsl.train import checkpoint as ckpt_module
+
+    writes = []
+    real_write = ckpt_module.atomic_write_bytes
+
+    def counting_write(path, data):
+        writes.append(path.name)
+        real_write(path, data)
+
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", counting_write)
+    # Every second iteration is validated, saved as last and kept: one write per file.
+    assert main(SINUSOID + ["--output", str(tmp_path / "run"), "--keep-every", "2"]) == 0
+    binaries = sorted(name for name in writes if not name.endswith(".json"))
+    assert binaries == [f"iter-000000{i}.{ext}" for i in (2, 4) for ext in ("pdopt", "pdparams")]
+    assert writes.count("kept-0000002.json") == 1 and writes.count("last.json") >= 2
+
+
 def test_eval_which_kept_checks_every_kept_record_before_scoring(capsys, tmp_path, monkeypatch):
     import paddlefsl.train.scoring as scoring
 
