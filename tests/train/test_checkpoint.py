@@ -4,7 +4,7 @@ import random
 import numpy as np
 import paddle
 import pytest
-from train_helpers import params_of
+from train_helpers import count_binary_writes, params_of
 
 from paddlefsl.train import (
     CheckpointError,
@@ -78,15 +78,7 @@ def test_crash_between_binaries_and_record(tmp_path, monkeypatch):
 def test_a_second_tag_for_the_same_bytes_writes_no_binary_again(tmp_path, monkeypatch):
     net, opt = _net_and_opt()
     manager = CheckpointManager(tmp_path)
-    writes = []
-    real_write = ckpt_module.atomic_write_bytes
-
-    def counting_write(path, data):
-        if not path.name.endswith(".json"):  # records are rewritten each time, by design
-            writes.append(path.name)
-        real_write(path, data)
-
-    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", counting_write)
+    writes = count_binary_writes(monkeypatch)
     manager.save(["last"], net, opt, iteration=5)
     assert writes == ["iter-0000005.pdparams", "iter-0000005.pdopt"]
     manager.save(["kept-0000005"], net, opt, iteration=5)  # same weights, same iteration

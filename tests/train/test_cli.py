@@ -4,7 +4,7 @@ import types
 
 import numpy as np
 import pytest
-from train_helpers import SINUSOID_TRAIN, cli_error
+from train_helpers import SINUSOID_TRAIN, cli_error, count_binary_writes
 
 from paddlefsl.cli import main
 
@@ -225,21 +225,15 @@ def test_eval_refuses_a_baseline_of_other_tasks_before_scoring(capsys, tmp_path,
 
 
 def test_training_writes_each_checkpoint_file_once(tmp_path, monkeypatch):
-    from paddlefsl.train import checkpoint as ckpt_module
-
-    writes = []
-    real_write = ckpt_module.atomic_write_bytes
-
-    def counting_write(path, data):
-        writes.append(path.name)
-        real_write(path, data)
-
-    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", counting_write)
+    writes = count_binary_writes(monkeypatch)
     # Every second iteration is validated, saved as last and kept: one write per file.
     assert main(SINUSOID + ["--output", str(tmp_path / "run"), "--keep-every", "2"]) == 0
-    binaries = sorted(name for name in writes if not name.endswith(".json"))
-    assert binaries == [f"iter-000000{i}.{ext}" for i in (2, 4) for ext in ("pdopt", "pdparams")]
-    assert writes.count("kept-0000002.json") == 1 and writes.count("last.json") >= 2
+    assert sorted(writes) == [
+        f"iter-000000{i}.{ext}" for i in (2, 4) for ext in ("pdopt", "pdparams")
+    ]
+    records = ["best.json", "kept-0000002.json", "kept-0000004.json", "last.json"]
+    on_disk = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert on_disk == sorted(records + writes)
 
 
 def test_eval_which_kept_checks_every_kept_record_before_scoring(capsys, tmp_path, monkeypatch):

@@ -119,3 +119,22 @@ class Factory:
 
 def params_of(trainer):
     return {name: p.numpy().copy() for name, p in trainer.model.named_parameters()}
+
+
+def count_binary_writes(monkeypatch):
+    """Record the name of every checkpoint binary written from now on; returns that list.
+
+    Records (``*.json``) are left out: each save rewrites them by design.
+    """
+    from paddlefsl.train import checkpoint as ckpt_module
+
+    writes = []
+    real_write = ckpt_module.atomic_write_bytes
+
+    def counting_write(path, data):
+        if not path.name.endswith(".json"):
+            writes.append(path.name)
+        real_write(path, data)
+
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", counting_write)
+    return writes
