@@ -127,9 +127,13 @@ def eval_config(source: Checkpoint | str | os.PathLike, options: EvalOptions) ->
     """
     if isinstance(source, Checkpoint):
         return _config_from(source.config, source.path, options)
-    if Path(source).suffix == ".json" and Path(source).is_file():
-        return _config_from((_read_json(Path(source)) or {}).get("config"), source, options)
-    run = run_folder(source)
+    path = Path(source).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        record = _read_json(path)
+        return _config_from(
+            record.get("config") if isinstance(record, dict) else None, path, options
+        )
+    run = run_folder(path)
     return _config_from(load_config(run).to_dict(), run, options)
 
 
