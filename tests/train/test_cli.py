@@ -583,3 +583,22 @@ def test_data_and_network_flags_reach_the_config(tmp_path):
     assert config().omniglot_rotations == "classes"
     assert config().conv_padding == "symmetric"
     assert config().task_pool is None
+
+
+def test_eval_config_reads_a_run_a_record_or_a_checkpoint_alike(tmp_path):
+    from paddlefsl.train import ConfigError, EvalOptions, eval_config, load_checkpoint
+
+    run = tmp_path / "run"
+    assert main(SINUSOID + ["--output", str(run), "--eval-tasks", "3"]) == 0
+    record = run / "checkpoints" / "last.json"
+    options = EvalOptions(inner_steps_test=4)
+    configs = [eval_config(s, options) for s in (run, record, load_checkpoint(record))]
+    assert [(c.eval_tasks, c.inner_steps_test, c.dataset) for c in configs] == [
+        (3, 4, "sinusoid")
+    ] * 3
+    assert eval_config(str(record), EvalOptions(eval_tasks=7)).eval_tasks == 7
+    for text in ("[1, 2]", "{}"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match="has no saved configuration"):
+            eval_config(bad, options)
