@@ -129,10 +129,7 @@ def eval_config(source: Checkpoint | str | os.PathLike, options: EvalOptions) ->
         return _config_from(source.config, source.path, options)
     path = Path(source).expanduser()
     if path.suffix == ".json" and path.is_file():
-        record = _read_json(path)
-        return _config_from(
-            record.get("config") if isinstance(record, dict) else None, path, options
-        )
+        return _config_from(_read_record(path).get("config"), path, options)
     run = run_folder(path)
     return _config_from(load_config(run).to_dict(), run, options)
 
@@ -275,6 +272,12 @@ def _read_json(path: Path) -> Any:
         return None  # missing, or a report half-written by an older version: score again
 
 
+def _read_record(path: Path) -> dict[str, Any]:
+    """A checkpoint record's fields; empty when it is missing or not a JSON object."""
+    record = _read_json(path)
+    return record if isinstance(record, dict) else {}
+
+
 def run_folder(run: str | os.PathLike) -> Path:
     """The run folder named by ``run`` (the folder itself or its ``checkpoints`` folder).
 
@@ -343,8 +346,8 @@ def score_kept(
     for record in records:
         # The record alone tells whether a report is still valid: a reused report reads
         # no weights (--follow passes over every kept checkpoint again and again).
-        meta = _read_json(record) or {}
-        config = eval_config(record, options)
+        meta = _read_record(record)
+        config = _config_from(meta.get("config"), record, options)
         path = root / record.stem / f"eval_{options.split}.json"
         existing = _read_json(path)
         model_sum = (meta.get("sha256") or {}).get("model")
