@@ -124,6 +124,17 @@ def eval_config(source: Checkpoint | str | os.PathLike, options: EvalOptions) ->
         ConfigError: no configuration (not written by ``paddlefsl train``), or an
             override is invalid.
 
+    Example:
+        >>> import tempfile, paddle
+        >>> from paddlefsl.train.config import build_config
+        >>> config, _ = build_config(dataset="sinusoid", eval_tasks=5)
+        >>> manager = CheckpointManager(tempfile.mkdtemp())
+        >>> record = manager.save(["last"], paddle.nn.Linear(1, 1), None, 0, config.to_dict())
+        >>> eval_config(record, EvalOptions()).eval_tasks
+        5
+        >>> eval_config(record, EvalOptions(eval_tasks=20)).eval_tasks
+        20
+
     """
     if isinstance(source, Checkpoint):
         return _config_from(source.config, source.path, options)
